@@ -1,0 +1,232 @@
+//! Types and constants shared by the eBPF programs and the user-space loader.
+//!
+//! Every struct that crosses the kernel boundary is defined here once, `#[repr(C)]`,
+//! with explicit padding so that its layout (and the BTF that `bpftool` prints) is the
+//! same on both sides. Addresses are stored as four 32-bit words holding the bytes in
+//! network order, exactly as they appear in a packet; an IPv4 address uses word 0.
+#![no_std]
+
+/// Proxy listener for traffic the app sends out.
+pub const PORT_OUTBOUND: u16 = 15001;
+/// Proxy listener for plaintext traffic arriving at the pod.
+pub const PORT_INBOUND: u16 = 15006;
+/// Proxy listener for HBONE (mTLS tunnel) traffic arriving at the pod.
+pub const PORT_TUNNEL: u16 = 15008;
+/// Proxy DNS listener (UDP and TCP), used only with DNS capture.
+pub const PORT_DNS: u16 = 15053;
+/// The DNS port captured with DNS capture on.
+pub const DNS_PORT: u16 = 53;
+
+/// SO_MARK set on every socket the proxy opens in the pod.
+pub const PROXY_MARK: u32 = 0x539;
+/// Mark carried by packets the engine steers back into the pod (and the return routing).
+pub const RETURN_MARK: u32 = 0x111;
+/// Mask applied to skb marks before comparing with the two marks above.
+pub const MARK_MASK: u32 = 0xfff;
+/// Routing table holding `local default dev lo` in every enrolled pod.
+pub const ROUTE_TABLE: u32 = 100;
+/// Preference of the `fwmark 0x111/0xfff lookup 100` rule in every enrolled pod.
+pub const RULE_PREF: u32 = 32764;
+
+/// Source of kubelet health probes as rewritten by the node (IPv4), network order.
+pub const PROBE_V4: [u8; 4] = [169, 254, 7, 127];
+/// Same, IPv6: fd16:9254:7127:1337:ffff:ffff:ffff:ffff.
+pub const PROBE_V6: [u8; 16] = [
+    0xfd, 0x16, 0x92, 0x54, 0x71, 0x27, 0x13, 0x37, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+];
+
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+pub const IPPROTO_TCP: u32 = 6;
+pub const IPPROTO_UDP: u32 = 17;
+
+/// Pods the engine can hold at once; also the size of the per-pod counter array.
+/// Slot 0 of the counters is reserved for events that no pod could be charged with.
+pub const MAX_PODS: u32 = 4096;
+/// Addresses over all pods.
+pub const MAX_POD_ADDRS: u32 = 4 * MAX_PODS;
+/// Listener sockets over all pods (outbound, inbound, tunnel, DNS udp and tcp).
+pub const MAX_LISTENERS: u32 = 8 * MAX_PODS;
+/// New connections noted by tc for sk_lookup (least recently used ones make room).
+pub const MAX_FLOWS: u32 = 65536;
+/// Cgroups whose sockets are trusted as the proxy's own.
+pub const MAX_PROXY_CGROUPS: u32 = 64;
+
+/// Names of the maps and programs, as pinned under the engine's bpffs directory.
+pub mod names {
+    pub const PODS: &str = "pods";
+    pub const POD_ADDRS: &str = "pod_addrs";
+    pub const LISTENERS: &str = "listeners";
+    pub const FLOWS: &str = "flows";
+    pub const PROXY_CGROUPS: &str = "proxy_cgroups";
+    pub const COUNTERS: &str = "counters";
+    pub const POD_INDEX: &str = "pod_index";
+    pub const PROG_SK_LOOKUP: &str = "redirect_lookup";
+    pub const PROG_EGRESS: &str = "redirect_egress";
+    pub const PROG_INGRESS: &str = "redirect_ingress";
+    pub const PROG_LOOPBACK: &str = "redirect_loopback";
+}
+
+/// `PodConfig::flags`: capture DNS (port 53, UDP and TCP) to the pod's 15053 sockets.
+pub const POD_DNS_CAPTURE: u32 = 1;
+
+/// Per-pod settings read on the hot path, keyed by the pod's netns cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodConfig {
+    /// Counter slot of the pod (1..MAX_PODS).
+    pub id: u32,
+    /// `POD_*` flags.
+    pub flags: u32,
+}
+
+/// An address of an enrolled pod. tc ingress finds the pod of an arriving packet by its
+/// destination address: the netns cookie helper of tc programs answers for the packet's
+/// socket, and arriving packets have none. Pod addresses are unique on a node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    pub family: u32,
+    pub addr: [u32; 4],
+}
+
+/// The pod owning an address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodAddr {
+    pub netns: u64,
+    pub pod: u32,
+    pub _pad: u32,
+}
+
+/// A proxy socket of a pod. `proto` is IPPROTO_TCP or IPPROTO_UDP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub netns: u64,
+    pub port: u16,
+    pub proto: u16,
+    pub _pad: u32,
+}
+
+/// A new connection (or DNS datagram) as its first packet carries it: `src` is the side
+/// that connects. No netns: sk_lookup, which reads this, cannot learn its namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub family: u32,
+    pub proto: u32,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u32,
+}
+
+/// `FlowVal::kind`: the pod opened it over lo (parity row 5): leave it alone.
+pub const FLOW_LOCAL: u32 = 1;
+/// It arrived at the pod from outside (rows 1, 2).
+pub const FLOW_INBOUND: u32 = 2;
+/// The pod's app sent it out and tc steered it back in (row 3).
+pub const FLOW_OUTBOUND: u32 = 3;
+/// Like `FLOW_OUTBOUND`, DNS with capture on (row 8).
+pub const FLOW_DNS: u32 = 4;
+
+/// What tc, which sees a new connection first and knows its namespace, tells sk_lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowVal {
+    pub netns: u64,
+    pub pod: u32,
+    pub kind: u32,
+}
+
+/// Per-pod, per-CPU counters; one slot per pod in the `counters` array.
+/// Field names are what `bpftool map dump` and `redirect-user status` show.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodCounters {
+    /// New connections steered to the outbound listener (15001).
+    pub redirected_15001: u64,
+    /// New connections steered to the inbound plaintext listener (15006).
+    pub redirected_15006: u64,
+    /// New connections steered to the inbound tunnel listener (15008).
+    pub redirected_15008: u64,
+    /// DNS queries (UDP datagrams and TCP connections) steered to 15053.
+    pub redirected_15053: u64,
+    /// Connections from or to the probe source, left alone.
+    pub bypassed_probe: u64,
+    /// Connections over the loopback interface, left alone.
+    pub bypassed_loopback: u64,
+    /// Connections opened by the proxy itself, left alone.
+    pub bypassed_proxy: u64,
+    /// Connections to steer whose listener is missing: dropped (fail closed).
+    pub dropped_no_listener: u64,
+    /// Packets from outside carrying one of the pod's own addresses as source: dropped.
+    pub dropped_spoofed: u64,
+    /// Packets the egress program could not steer (helper failure): dropped.
+    pub dropped_error: u64,
+}
+
+impl PodCounters {
+    /// Adds another CPU's (or pod's) counters to these.
+    pub fn add(&mut self, o: &PodCounters) {
+        self.redirected_15001 += o.redirected_15001;
+        self.redirected_15006 += o.redirected_15006;
+        self.redirected_15008 += o.redirected_15008;
+        self.redirected_15053 += o.redirected_15053;
+        self.bypassed_probe += o.bypassed_probe;
+        self.bypassed_loopback += o.bypassed_loopback;
+        self.bypassed_proxy += o.bypassed_proxy;
+        self.dropped_no_listener += o.dropped_no_listener;
+        self.dropped_spoofed += o.dropped_spoofed;
+        self.dropped_error += o.dropped_error;
+    }
+}
+
+/// Length of a pod uid as stored in the pinned pod index (Kubernetes uids are 36 bytes).
+pub const UID_LEN: usize = 64;
+/// Longest interface name, as the kernel's IFNAMSIZ.
+pub const IFNAME_LEN: usize = 16;
+/// Interfaces per pod the engine attaches tc programs to.
+pub const MAX_POD_IFACES: usize = 4;
+
+/// Key of the pinned pod index: the pod uid, NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodUid {
+    pub uid: [u8; UID_LEN],
+}
+
+/// Everything needed to find and undo a pod's enrolment after a restart of the engine.
+/// Read only by user space; pinned so that it survives the process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodRecord {
+    pub netns_cookie: u64,
+    /// Device and inode of the pod's network namespace, to recognise it again.
+    pub netns_dev: u64,
+    pub netns_ino: u64,
+    pub id: u32,
+    pub flags: u32,
+    /// Interfaces carrying the tc programs, NUL-padded names.
+    pub ifaces: [[u8; IFNAME_LEN]; MAX_POD_IFACES],
+    /// Value of each interface's `accept_local` before enrolment, restored after.
+    pub accept_local_before: [u8; MAX_POD_IFACES],
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: plain-old-data #[repr(C)] structs with explicit padding.
+    unsafe impl aya::Pod for PodConfig {}
+    unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for PodAddr {}
+    unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowVal {}
+    unsafe impl aya::Pod for PodCounters {}
+    unsafe impl aya::Pod for PodUid {}
+    unsafe impl aya::Pod for PodRecord {}
+}

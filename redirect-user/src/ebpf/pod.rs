@@ -1,0 +1,868 @@
+//! Enrolling and un-enrolling one pod: map writes, the sk_lookup link, and inside the
+//! pod's namespace the return routing, `accept_local` and the tc filters. Every step
+//! that succeeded is undone if a later one fails.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    path::Path,
+};
+
+use aya::{
+    Ebpf,
+    programs::{
+        SchedClassifier, SkLookup,
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle},
+    },
+};
+use redirect_ebpf::*;
+use tracing::{debug, info, warn};
+
+use super::{EnrolError, maps::Maps};
+use crate::{netlink::Netlink, netns::Netns};
+
+/// Where our tc filters sit, so that they can be found again by any later process.
+const TC_PRIORITY: u16 = 1;
+const TC_HANDLE: TcHandle = TcHandle::new(0, 0x539);
+/// `PodRecord::flags` bits above the `POD_*` ones: clsact qdiscs the engine created
+/// (bit i for interface i, `CLSACT_LO` for lo), removed again at un-enrolment.
+const CLSACT_BASE: u32 = 1 << 8;
+const CLSACT_LO: u32 = 1 << 15;
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+#[derive(Debug, Clone, Default)]
+pub struct PodOptions {
+    /// Capture DNS (UDP and TCP port 53) to the pod's 15053 sockets.
+    pub dns_capture: bool,
+    /// Interfaces to attach tc programs to; default: every interface but lo.
+    pub interfaces: Option<Vec<String>>,
+}
+
+/// The proxy's sockets in the pod; a missing one means that port fails closed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PodSockets<'a> {
+    pub outbound: Option<BorrowedFd<'a>>,
+    pub inbound: Option<BorrowedFd<'a>>,
+    pub tunnel: Option<BorrowedFd<'a>>,
+    pub dns_udp: Option<BorrowedFd<'a>>,
+    pub dns_tcp: Option<BorrowedFd<'a>>,
+}
+
+impl PodSockets<'_> {
+    fn is_empty(&self) -> bool {
+        self.outbound.is_none()
+            && self.inbound.is_none()
+            && self.tunnel.is_none()
+            && self.dns_udp.is_none()
+            && self.dns_tcp.is_none()
+    }
+
+    fn slots(&self) -> [(u16, u32, Option<BorrowedFd<'_>>); 5] {
+        [
+            (PORT_OUTBOUND, IPPROTO_TCP, self.outbound),
+            (PORT_INBOUND, IPPROTO_TCP, self.inbound),
+            (PORT_TUNNEL, IPPROTO_TCP, self.tunnel),
+            (PORT_DNS, IPPROTO_UDP, self.dns_udp),
+            (PORT_DNS, IPPROTO_TCP, self.dns_tcp),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnrolOutcome {
+    Enrolled,
+    /// Same uid and namespace as before: nothing changed (but the sockets, if given).
+    AlreadyEnrolled,
+    /// Same uid, new namespace: the old enrolment was undone first.
+    Replaced,
+}
+
+/// What `Engine::pods` tells about an enrolled pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrolledPod {
+    pub uid: String,
+    pub id: u32,
+    pub netns_cookie: u64,
+    pub netns_dev: u64,
+    pub netns_ino: u64,
+    pub interfaces: Vec<String>,
+    pub dns_capture: bool,
+    /// False for a pod found in pinned state whose namespace this process has not been
+    /// given again: its redirection is in place but it cannot be changed until it is.
+    pub netns_held: bool,
+}
+
+pub(crate) struct PodState {
+    pub netns: Option<Netns>,
+    pub record: PodRecord,
+}
+
+impl PodState {
+    pub fn describe(&self, uid: &str) -> EnrolledPod {
+        let r = &self.record;
+        EnrolledPod {
+            uid: uid.into(),
+            id: r.id,
+            netns_cookie: r.netns_cookie,
+            netns_dev: r.netns_dev,
+            netns_ino: r.netns_ino,
+            interfaces: ifaces_of(r).map(|(_, n)| n).collect(),
+            dns_capture: r.flags & POD_DNS_CAPTURE != 0,
+            netns_held: self.netns.is_some(),
+        }
+    }
+}
+
+fn ifaces_of(r: &PodRecord) -> impl Iterator<Item = (usize, String)> + '_ {
+    r.ifaces
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n[0] != 0)
+        .map(|(i, n)| {
+            let end = n.iter().position(|&b| b == 0).unwrap_or(n.len());
+            (i, String::from_utf8_lossy(&n[..end]).into_owned())
+        })
+}
+
+fn uid_key(uid: &str) -> PodUid {
+    let mut k = PodUid { uid: [0; UID_LEN] };
+    k.uid[..uid.len()].copy_from_slice(uid.as_bytes());
+    k
+}
+
+fn valid_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() < UID_LEN
+        && uid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The pods of an earlier run, from the pinned index. Their namespaces are not known
+/// to this process until they are enrolled again.
+pub(crate) fn adopt_pinned(maps: &Maps) -> BTreeMap<String, PodState> {
+    let mut out = BTreeMap::new();
+    for entry in maps.pod_index.iter() {
+        let Ok((k, record)) = entry else { continue };
+        let end = k.uid.iter().position(|&b| b == 0).unwrap_or(UID_LEN);
+        let uid = String::from_utf8_lossy(&k.uid[..end]).into_owned();
+        out.insert(
+            uid,
+            PodState {
+                netns: None,
+                record,
+            },
+        );
+    }
+    out
+}
+
+/// What the namespace looks like, read before anything is changed.
+struct NsInfo {
+    cookie: u64,
+    lo: u32,
+    ifaces: Vec<(String, u32)>,
+    addrs: Vec<IpAddr>,
+    ipv6: bool,
+}
+
+fn netns_cookie_here() -> std::io::Result<u64> {
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)?;
+    getsockopt_u64(s.as_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE)
+}
+
+fn getsockopt_u64(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    opt: libc::c_int,
+) -> std::io::Result<u64> {
+    let mut v: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: v and len describe a valid buffer.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            &mut v as *mut u64 as *mut _,
+            &mut len,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(v)
+    }
+}
+
+fn getsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    opt: libc::c_int,
+) -> std::io::Result<i32> {
+    let mut v: i32 = 0;
+    let mut len = size_of::<i32>() as libc::socklen_t;
+    // SAFETY: v and len describe a valid buffer.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            &mut v as *mut i32 as *mut _,
+            &mut len,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(v)
+    }
+}
+
+fn read_ns(options: &PodOptions) -> Result<NsInfo, (&'static str, String)> {
+    let cookie = netns_cookie_here().map_err(|e| ("read netns cookie", e.to_string()))?;
+    let mut nl = Netlink::open().map_err(|e| ("netlink", e.to_string()))?;
+    let links = nl.links().map_err(|e| ("list interfaces", e.to_string()))?;
+    let lo = links
+        .iter()
+        .find(|l| l.loopback)
+        .map(|l| l.index)
+        .ok_or(("find lo", "no loopback interface".into()))?;
+    let ifaces: Vec<(String, u32)> = match &options.interfaces {
+        Some(names) => names
+            .iter()
+            .map(|n| {
+                links
+                    .iter()
+                    .find(|l| &l.name == n)
+                    .map(|l| (l.name.clone(), l.index))
+                    .ok_or(("find interface", format!("no interface {n} in the pod")))
+            })
+            .collect::<Result<_, _>>()?,
+        None => links
+            .iter()
+            .filter(|l| !l.loopback)
+            .map(|l| (l.name.clone(), l.index))
+            .collect(),
+    };
+    if ifaces.is_empty() {
+        return Err(("find interface", "the pod has no interface but lo".into()));
+    }
+    if ifaces.len() > MAX_POD_IFACES || ifaces.iter().any(|(n, _)| n.len() >= IFNAME_LEN) {
+        return Err((
+            "find interface",
+            format!("at most {MAX_POD_IFACES} interfaces are supported"),
+        ));
+    }
+    let addrs = nl
+        .addresses()
+        .map_err(|e| ("list addresses", e.to_string()))?
+        .into_iter()
+        .map(|(_, a)| a)
+        .filter(|a| !a.is_loopback())
+        .collect();
+    let ipv6 = Path::new("/proc/sys/net/ipv6").exists();
+    Ok(NsInfo {
+        cookie,
+        lo,
+        ifaces,
+        addrs,
+        ipv6,
+    })
+}
+
+fn addr_key(a: &IpAddr) -> AddrKey {
+    let mut k = AddrKey::default();
+    match a {
+        IpAddr::V4(v4) => {
+            k.family = AF_INET;
+            k.addr[0] = u32::from_ne_bytes(v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            k.family = AF_INET6;
+            for (i, c) in v6.octets().chunks(4).enumerate() {
+                k.addr[i] = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+    }
+    k
+}
+
+fn step<'a>(uid: &'a str, step: &'static str) -> impl Fn(String) -> EnrolError + 'a {
+    move |detail| EnrolError::Step {
+        uid: uid.into(),
+        step,
+        detail,
+    }
+}
+
+/// A map insert that reports a full map as `EnrolError::Full`.
+fn full_or(uid: &str, what: &'static str, max: u32, e: aya::maps::MapError) -> EnrolError {
+    if format!("{e:?}").contains("E2BIG")
+        || e.to_string().contains("too big")
+        || io_code(&e) == Some(libc::E2BIG)
+    {
+        EnrolError::Full { what, max }
+    } else {
+        EnrolError::Step {
+            uid: uid.into(),
+            step: what,
+            detail: e.to_string(),
+        }
+    }
+}
+
+fn io_code(e: &aya::maps::MapError) -> Option<i32> {
+    match e {
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn enrol(
+    ebpf: &mut Ebpf,
+    maps: &mut Maps,
+    pods: &mut BTreeMap<String, PodState>,
+    pin_dir: &Path,
+    uid: &str,
+    netns: &Netns,
+    options: &PodOptions,
+    sockets: &PodSockets<'_>,
+) -> Result<EnrolOutcome, EnrolError> {
+    if !valid_uid(uid) {
+        return Err(EnrolError::InvalidUid { uid: uid.into() });
+    }
+    let mut outcome = EnrolOutcome::Enrolled;
+    if let Some(state) = pods.get_mut(uid) {
+        let same = state.record.netns_dev == netns.dev() && state.record.netns_ino == netns.ino();
+        if same {
+            if state.netns.is_none() {
+                // Found in pinned state after a restart: take the namespace back and make
+                // sure everything is in place (each step tolerates what is already there).
+                let ns = netns
+                    .try_clone()
+                    .map_err(|e| step(uid, "hold namespace")(e.to_string()))?;
+                let mut record = state.record;
+                netns
+                    .run(|| {
+                        apply_in_ns(
+                            ebpf,
+                            &mut record,
+                            &read_ns(options).map_err(|(s, d)| step(uid, s)(d))?,
+                            uid,
+                        )
+                    })
+                    .map_err(|source| EnrolError::Netns {
+                        uid: uid.into(),
+                        source,
+                    })??;
+                state.record = record;
+                state.netns = Some(ns);
+                maps.pod_index
+                    .insert(uid_key(uid), record, 0)
+                    .map_err(|e| step(uid, "pod index")(e.to_string()))?;
+                info!(uid, "redirect: pod re-adopted from pinned state");
+            }
+            if !sockets.is_empty() {
+                set_sockets(maps, uid, state.record.netns_cookie, sockets)?;
+            }
+            return Ok(EnrolOutcome::AlreadyEnrolled);
+        }
+        let old = pods.remove(uid).expect("present");
+        unenrol(maps, pin_dir, uid, old)?;
+        outcome = EnrolOutcome::Replaced;
+    }
+
+    let used: std::collections::BTreeSet<u32> = pods.values().map(|p| p.record.id).collect();
+    let id = (1..MAX_PODS)
+        .find(|i| !used.contains(i))
+        .ok_or(EnrolError::Full {
+            what: "pods",
+            max: MAX_PODS - 1,
+        })?;
+    let ns = netns
+        .try_clone()
+        .map_err(|e| step(uid, "hold namespace")(e.to_string()))?;
+
+    // 1. Read the namespace.
+    let info = netns
+        .run(|| read_ns(options))
+        .map_err(|source| EnrolError::Netns {
+            uid: uid.into(),
+            source,
+        })?
+        .map_err(|(s, d)| step(uid, s)(d))?;
+    let mut record = PodRecord {
+        netns_cookie: info.cookie,
+        netns_dev: netns.dev(),
+        netns_ino: netns.ino(),
+        id,
+        flags: if options.dns_capture {
+            POD_DNS_CAPTURE
+        } else {
+            0
+        },
+        ifaces: [[0; IFNAME_LEN]; MAX_POD_IFACES],
+        accept_local_before: [0; MAX_POD_IFACES],
+        _pad: 0,
+    };
+    for (i, (name, _)) in info.ifaces.iter().enumerate() {
+        record.ifaces[i][..name.len()].copy_from_slice(name.as_bytes());
+    }
+
+    // 2. Maps, then 3. the sk_lookup link, then 4. the namespace: each undone on failure.
+    if let Err(e) = write_maps(maps, uid, &record, &info, sockets) {
+        remove_maps(maps, uid, &record);
+        return Err(e);
+    }
+    let link_path = pin_dir.join("links").join(uid);
+    if let Err(e) = attach_sk_lookup(ebpf, netns, &link_path) {
+        remove_maps(maps, uid, &record);
+        return Err(step(uid, "attach sk_lookup")(e));
+    }
+    let applied = netns
+        .run(|| apply_in_ns(ebpf, &mut record, &info, uid))
+        .map_err(|source| EnrolError::Netns {
+            uid: uid.into(),
+            source,
+        })
+        .and_then(|r| r);
+    if let Err(e) = applied {
+        let _ = netns.run(|| undo_in_ns(&record, uid));
+        detach_sk_lookup(&link_path);
+        remove_maps(maps, uid, &record);
+        return Err(e);
+    }
+    // The record now knows which clsact qdiscs were ours.
+    if let Err(e) = maps.pod_index.insert(uid_key(uid), record, 0) {
+        warn!(uid, error = %e, "redirect: cannot update the pod index");
+    }
+    info!(uid, id, netns_cookie = info.cookie, addrs = ?info.addrs, dns_capture = options.dns_capture, "redirect: pod enrolled");
+    pods.insert(
+        uid.into(),
+        PodState {
+            netns: Some(ns),
+            record,
+        },
+    );
+    Ok(outcome)
+}
+
+fn write_maps(
+    maps: &mut Maps,
+    uid: &str,
+    record: &PodRecord,
+    info: &NsInfo,
+    sockets: &PodSockets<'_>,
+) -> Result<(), EnrolError> {
+    let cfg = PodConfig {
+        id: record.id,
+        flags: record.flags & 0xff,
+    };
+    maps.zero_counters(record.id)
+        .map_err(|e| step(uid, "zero counters")(e.to_string()))?;
+    maps.pod_index
+        .insert(uid_key(uid), *record, 0)
+        .map_err(|e| full_or(uid, "pod index", MAX_PODS, e))?;
+    for a in &info.addrs {
+        let key = addr_key(a);
+        if let Ok(other) = maps.pod_addrs.get(&key, 0) {
+            if other.netns != info.cookie {
+                // The address moved to a new pod (the old one went without un-enrolment).
+                warn!(uid, addr = %a, other_pod = other.pod, "redirect: address taken over from another pod");
+            }
+        }
+        let owner = PodAddr {
+            netns: info.cookie,
+            pod: record.id,
+            _pad: 0,
+        };
+        maps.pod_addrs
+            .insert(key, owner, 0)
+            .map_err(|e| full_or(uid, "pod addresses", MAX_POD_ADDRS, e))?;
+    }
+    set_sockets(maps, uid, info.cookie, sockets)?;
+    // Last: from here on the programs treat the namespace as enrolled.
+    maps.pods
+        .insert(info.cookie, cfg, 0)
+        .map_err(|e| full_or(uid, "pods", MAX_PODS, e))?;
+    Ok(())
+}
+
+/// Puts the given sockets in the listener map (and removes the ports not given),
+/// after checking each is a socket of the right kind in the pod's namespace.
+pub(crate) fn set_sockets(
+    maps: &mut Maps,
+    uid: &str,
+    netns: u64,
+    sockets: &PodSockets<'_>,
+) -> Result<(), EnrolError> {
+    for (port, proto, fd) in sockets.slots() {
+        let bad = |detail: String| EnrolError::BadSocket {
+            uid: uid.into(),
+            port,
+            detail,
+        };
+        let Some(fd) = fd else { continue };
+        let ty = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)
+            .map_err(|e| bad(format!("not a socket: {e}")))?;
+        let want = if proto == IPPROTO_TCP {
+            libc::SOCK_STREAM
+        } else {
+            libc::SOCK_DGRAM
+        };
+        if ty != want {
+            return Err(bad(format!("socket type {ty}, expected {want}")));
+        }
+        if proto == IPPROTO_TCP
+            && getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).unwrap_or(0) != 1
+        {
+            return Err(bad("not listening".into()));
+        }
+        let ns = getsockopt_u64(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE)
+            .map_err(|e| bad(e.to_string()))?;
+        if ns != netns {
+            return Err(bad("the socket belongs to another network namespace".into()));
+        }
+    }
+    for (port, proto, fd) in sockets.slots() {
+        let key = ListenerKey {
+            netns,
+            port,
+            proto: proto as u16,
+            _pad: 0,
+        };
+        match fd {
+            Some(fd) => maps.insert_listener(&key, fd).map_err(|e| {
+                if e.raw_os_error() == Some(libc::E2BIG) {
+                    EnrolError::Full {
+                        what: "listeners",
+                        max: MAX_LISTENERS,
+                    }
+                } else {
+                    EnrolError::BadSocket {
+                        uid: uid.into(),
+                        port,
+                        detail: e.to_string(),
+                    }
+                }
+            })?,
+            None => {
+                let _ = maps.remove_listener(&key);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn remove_maps(maps: &mut Maps, uid: &str, record: &PodRecord) {
+    let netns = record.netns_cookie;
+    let _ = maps.pods.remove(&netns);
+    for port in [PORT_OUTBOUND, PORT_INBOUND, PORT_TUNNEL, PORT_DNS] {
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            let _ = maps.remove_listener(&ListenerKey {
+                netns,
+                port,
+                proto: proto as u16,
+                _pad: 0,
+            });
+        }
+    }
+    let addrs: Vec<AddrKey> = maps
+        .pod_addrs
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, v)| v.netns == netns)
+        .map(|(k, _)| k)
+        .collect();
+    for k in addrs {
+        let _ = maps.pod_addrs.remove(&k);
+    }
+    let flows: Vec<FlowKey> = maps
+        .flows
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, v)| v.netns == netns)
+        .map(|(k, _)| k)
+        .collect();
+    for k in flows {
+        let _ = maps.flows.remove(&k);
+    }
+    let _ = maps.zero_counters(record.id);
+    let _ = maps.pod_index.remove(&uid_key(uid));
+}
+
+fn attach_sk_lookup(ebpf: &mut Ebpf, netns: &Netns, pin: &Path) -> Result<(), String> {
+    let prog: &mut SkLookup = ebpf
+        .program_mut(names::PROG_SK_LOOKUP)
+        .ok_or("program missing")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    let id = prog.attach(netns.as_fd()).map_err(|e| e.to_string())?;
+    let link: FdLink = prog.take_link(id).map_err(|e| e.to_string())?.into();
+    let _ = std::fs::remove_file(pin);
+    // Pinned, the link outlives this process: the pod stays redirected (fail closed).
+    link.pin(pin).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn detach_sk_lookup(pin: &Path) {
+    match PinnedLink::from_pin(pin) {
+        Ok(link) => {
+            if let Err(e) = link.unpin() {
+                warn!(path = %pin.display(), error = %e, "redirect: cannot unpin sk_lookup link");
+            }
+            // Dropping the last reference detaches the program.
+        }
+        Err(e) => {
+            debug!(path = %pin.display(), error = %e, "redirect: no sk_lookup link to remove")
+        }
+    }
+}
+
+/// Attaches (or, if one of ours is there from an earlier run, replaces) a tc filter.
+fn attach_tc(ebpf: &mut Ebpf, prog: &str, iface: &str, ty: TcAttachType) -> Result<(), String> {
+    let p: &mut SchedClassifier = ebpf
+        .program_mut(prog)
+        .ok_or("program missing")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    let opts = TcAttachOptions::Netlink(NlOptions {
+        priority: TC_PRIORITY,
+        handle: TC_HANDLE,
+        classid: None,
+    });
+    let id = match p.attach_with_options(iface, ty, opts) {
+        Ok(id) => id,
+        Err(first) => {
+            let existing = SchedClassifierLink::attached(iface, ty, TC_PRIORITY, TC_HANDLE, None)
+                .map_err(|e| e.to_string())?;
+            p.attach_to_link(existing).map_err(|_| first.to_string())?
+        }
+    };
+    // The filter must outlive this process (fail closed after a crash); it is removed by
+    // priority and handle at un-enrolment, not when this handle is dropped.
+    std::mem::forget(p.take_link(id).map_err(|e| e.to_string())?);
+    Ok(())
+}
+
+fn detach_tc(iface: &str, ty: TcAttachType) -> Result<(), String> {
+    use aya::programs::links::Link as _;
+    SchedClassifierLink::attached(iface, ty, TC_PRIORITY, TC_HANDLE, None)
+        .map_err(|e| e.to_string())?
+        .detach()
+        .map_err(|e| e.to_string())
+}
+
+fn accept_local_path(iface: &str) -> String {
+    format!("/proc/sys/net/ipv4/conf/{iface}/accept_local")
+}
+
+/// Inside the pod namespace: return routing, accept_local, tc filters (egress last,
+/// since it starts steering). Runs on a thread inside the namespace.
+fn apply_in_ns(
+    ebpf: &mut Ebpf,
+    record: &mut PodRecord,
+    info: &NsInfo,
+    uid: &str,
+) -> Result<(), EnrolError> {
+    let err = |s: &'static str| step(uid, s);
+    let mut nl = Netlink::open().map_err(|e| err("netlink")(e.to_string()))?;
+    for v6 in [false, true] {
+        if v6 && !info.ipv6 {
+            continue;
+        }
+        nl.add_rule(v6, RETURN_MARK, MARK_MASK, RULE_PREF, ROUTE_TABLE)
+            .map_err(|e| err("add rule")(e.to_string()))?;
+        nl.add_local_default(v6, info.lo, ROUTE_TABLE)
+            .map_err(|e| err("add route")(e.to_string()))?;
+    }
+    for (i, (name, _)) in info.ifaces.iter().enumerate() {
+        let path = accept_local_path(name);
+        let before =
+            std::fs::read_to_string(&path).map_err(|e| err("read accept_local")(e.to_string()))?;
+        // On a re-apply the value read is our own 1: keep the first recorded value.
+        if record.accept_local_before[i] == 0 {
+            record.accept_local_before[i] = if before.trim() == "1" { 2 } else { 1 };
+        }
+        std::fs::write(&path, "1").map_err(|e| err("set accept_local")(e.to_string()))?;
+    }
+    let targets: Vec<(String, u32)> = info
+        .ifaces
+        .iter()
+        .enumerate()
+        .map(|(i, (n, _))| (n.clone(), CLSACT_BASE << i))
+        .chain(std::iter::once(("lo".to_string(), CLSACT_LO)))
+        .collect();
+    for (name, bit) in &targets {
+        if tc::qdisc_add_clsact(name).is_ok() {
+            record.flags |= bit;
+        }
+    }
+    for (name, _) in &info.ifaces {
+        attach_tc(ebpf, names::PROG_INGRESS, name, TcAttachType::Ingress)
+            .map_err(err("attach tc ingress"))?;
+    }
+    attach_tc(ebpf, names::PROG_LOOPBACK, "lo", TcAttachType::Egress)
+        .map_err(err("attach tc on lo"))?;
+    for (name, _) in &info.ifaces {
+        attach_tc(ebpf, names::PROG_EGRESS, name, TcAttachType::Egress)
+            .map_err(err("attach tc egress"))?;
+    }
+    Ok(())
+}
+
+/// Inside the pod namespace: undoes `apply_in_ns`, as far as it got. Best effort: every
+/// step is tried; the first failure is returned.
+fn undo_in_ns(record: &PodRecord, uid: &str) -> Result<(), EnrolError> {
+    let mut first: Option<EnrolError> = None;
+    let mut keep = |r: Result<(), EnrolError>| {
+        if let Err(e) = r {
+            warn!(uid, error = %e, "redirect: un-enrolment step failed");
+            first.get_or_insert(e);
+        }
+    };
+    let ifaces: Vec<(usize, String)> = ifaces_of(record).collect();
+    for (_, name) in &ifaces {
+        let _ = detach_tc(name, TcAttachType::Egress);
+    }
+    let _ = detach_tc("lo", TcAttachType::Egress);
+    for (_, name) in &ifaces {
+        let _ = detach_tc(name, TcAttachType::Ingress);
+    }
+    match Netlink::open() {
+        Ok(mut nl) => {
+            let links = nl.links().unwrap_or_default();
+            for (i, name) in &ifaces {
+                if record.flags & (CLSACT_BASE << i) != 0 {
+                    if let Some(l) = links.iter().find(|l| &l.name == name) {
+                        keep(
+                            nl.del_clsact(l.index)
+                                .map(|_| ())
+                                .map_err(|e| step(uid, "delete clsact")(e.to_string())),
+                        );
+                    }
+                }
+            }
+            if let Some(lo) = links.iter().find(|l| l.loopback) {
+                if record.flags & CLSACT_LO != 0 {
+                    keep(
+                        nl.del_clsact(lo.index)
+                            .map(|_| ())
+                            .map_err(|e| step(uid, "delete clsact")(e.to_string())),
+                    );
+                }
+                for v6 in [false, true] {
+                    if v6 && !Path::new("/proc/sys/net/ipv6").exists() {
+                        continue;
+                    }
+                    keep(
+                        nl.del_rule(v6, RETURN_MARK, MARK_MASK, RULE_PREF, ROUTE_TABLE)
+                            .map(|_| ())
+                            .map_err(|e| step(uid, "delete rule")(e.to_string())),
+                    );
+                    keep(
+                        nl.del_local_default(v6, lo.index, ROUTE_TABLE)
+                            .map(|_| ())
+                            .map_err(|e| step(uid, "delete route")(e.to_string())),
+                    );
+                }
+            }
+        }
+        Err(e) => keep(Err(step(uid, "netlink")(e.to_string()))),
+    }
+    for (i, name) in &ifaces {
+        let v = match record.accept_local_before[*i] {
+            1 => "0",
+            2 => "1",
+            _ => continue,
+        };
+        let path = accept_local_path(name);
+        if Path::new(&path).exists() {
+            keep(
+                std::fs::write(&path, v)
+                    .map_err(|e| step(uid, "restore accept_local")(e.to_string())),
+            );
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+pub(crate) fn unenrol(
+    maps: &mut Maps,
+    pin_dir: &Path,
+    uid: &str,
+    state: PodState,
+) -> Result<(), EnrolError> {
+    let record = state.record;
+    let mut result = Ok(());
+    if let Some(netns) = &state.netns {
+        result = netns
+            .run(|| undo_in_ns(&record, uid))
+            .map_err(|source| EnrolError::Netns {
+                uid: uid.into(),
+                source,
+            })
+            .and_then(|r| r);
+    } else {
+        warn!(
+            uid,
+            "redirect: un-enrolling a pod whose namespace this process never held; its tc filters and routes stay until the namespace goes"
+        );
+    }
+    detach_sk_lookup(&pin_dir.join("links").join(uid));
+    remove_maps(maps, uid, &record);
+    info!(uid, id = record.id, "redirect: pod un-enrolled");
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uids_are_checked() {
+        assert!(valid_uid("0b4a3c4e-6c43-4b43-9c1e-0123456789ab"));
+        assert!(valid_uid("pod.a_b-1"));
+        assert!(!valid_uid(""));
+        assert!(!valid_uid("../etc"));
+        assert!(!valid_uid("a/b"));
+        assert!(!valid_uid(&"x".repeat(UID_LEN)));
+    }
+
+    #[test]
+    fn addresses_are_stored_in_network_order() {
+        let k = addr_key(&"10.1.2.3".parse().unwrap());
+        assert_eq!(k.family, AF_INET);
+        assert_eq!(k.addr[0].to_ne_bytes(), [10, 1, 2, 3]);
+        assert_eq!(&k.addr[1..], &[0, 0, 0]);
+        let k = addr_key(&"fd00::1".parse().unwrap());
+        assert_eq!(k.family, AF_INET6);
+        assert_eq!(k.addr[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
+        assert_eq!(k.addr[3].to_ne_bytes(), [0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn interface_names_round_trip_through_the_record() {
+        let mut r = PodRecord {
+            netns_cookie: 1,
+            netns_dev: 2,
+            netns_ino: 3,
+            id: 4,
+            flags: 0,
+            ifaces: [[0; IFNAME_LEN]; MAX_POD_IFACES],
+            accept_local_before: [0; MAX_POD_IFACES],
+            _pad: 0,
+        };
+        r.ifaces[0][..4].copy_from_slice(b"eth0");
+        r.ifaces[1][..4].copy_from_slice(b"net1");
+        let names: Vec<_> = ifaces_of(&r).collect();
+        assert_eq!(
+            names,
+            vec![(0, "eth0".to_string()), (1, "net1".to_string())]
+        );
+    }
+}

@@ -1,0 +1,13 @@
+//! The eBPF traffic redirection engine for ambient meshes, and what is built on it.
+//!
+//! - [`ebpf`]: loads the programs once, pins the maps, enrols and un-enrols pods.
+//! - [`netns`]: network namespace handles.
+//! - [`netlink`]: links, addresses, rules and routes inside a namespace.
+//! - [`proxy`]: the proxy's sockets in a pod and a plain TCP relay.
+
+pub mod demo;
+pub mod ebpf;
+pub mod netlink;
+pub mod netns;
+pub mod proxy;
+pub mod topology;

@@ -1,0 +1,306 @@
+//! A small synchronous rtnetlink client for the calling thread's network namespace:
+//! list links and addresses, add and remove the return-routing rule and route.
+//! No process is spawned; one socket serves a whole enrolment.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage},
+    link::{LinkAttribute, LinkFlags, LinkMessage},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
+    rule::{RuleAction, RuleAttribute, RuleMessage},
+    tc::{TcAttribute, TcHandle, TcMessage},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("netlink socket: {0}")]
+    Socket(std::io::Error),
+    #[error("netlink {op}: {source}")]
+    Kernel {
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("netlink {op}: cannot decode the answer: {detail}")]
+    Decode { op: &'static str, detail: String },
+}
+
+/// A network interface of the namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub loopback: bool,
+}
+
+pub struct Netlink {
+    sock: Socket,
+    seq: u32,
+}
+
+impl Netlink {
+    /// Opens a socket in the calling thread's network namespace.
+    pub fn open() -> Result<Self, NetlinkError> {
+        let mut sock = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket)?;
+        sock.bind_auto().map_err(NetlinkError::Socket)?;
+        sock.connect(&SocketAddr::new(0, 0))
+            .map_err(NetlinkError::Socket)?;
+        Ok(Self { sock, seq: 0 })
+    }
+
+    /// Sends one request and collects the answers until the ack or the end of a dump.
+    fn request(
+        &mut self,
+        op: &'static str,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = flags | NLM_F_REQUEST;
+        header.sequence_number = self.seq;
+        let mut req = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        req.finalize();
+        let mut buf = vec![0; req.buffer_len()];
+        req.serialize(&mut buf);
+        self.sock
+            .send(&buf, 0)
+            .map_err(|source| NetlinkError::Kernel { op, source })?;
+
+        let mut out = Vec::new();
+        let mut rbuf = vec![0u8; 64 * 1024];
+        loop {
+            let n = self
+                .sock
+                .recv(&mut &mut rbuf[..], 0)
+                .map_err(|source| NetlinkError::Kernel { op, source })?;
+            let mut off = 0;
+            while off < n {
+                let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rbuf[off..n]).map_err(
+                    |e| NetlinkError::Decode {
+                        op,
+                        detail: e.to_string(),
+                    },
+                )?;
+                let len = m.header.length as usize;
+                if m.header.sequence_number != self.seq {
+                    off += len.max(1);
+                    continue;
+                }
+                match m.payload {
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(out),
+                            Some(code) => Err(NetlinkError::Kernel {
+                                op,
+                                source: std::io::Error::from_raw_os_error(-code.get()),
+                            }),
+                        };
+                    }
+                    NetlinkPayload::InnerMessage(inner) => out.push(inner),
+                    _ => {}
+                }
+                if len == 0 {
+                    break;
+                }
+                off += len;
+            }
+        }
+    }
+
+    pub fn links(&mut self) -> Result<Vec<Link>, NetlinkError> {
+        let msgs = self.request(
+            "list links",
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })
+            .map(|l| Link {
+                index: l.header.index,
+                loopback: l.header.flags.contains(LinkFlags::Loopback),
+                name: l
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        LinkAttribute::IfName(n) => Some(n.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    /// Every address of the namespace with the index of its interface.
+    pub fn addresses(&mut self) -> Result<Vec<(u32, IpAddr)>, NetlinkError> {
+        let msgs = self.request(
+            "list addresses",
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        let mut out = Vec::new();
+        for m in msgs {
+            let RouteNetlinkMessage::NewAddress(a) = m else {
+                continue;
+            };
+            // IFA_LOCAL is the interface's own address on point-to-point links; IFA_ADDRESS otherwise.
+            let local = a.attributes.iter().find_map(|x| match x {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let addr = local.or_else(|| {
+                a.attributes.iter().find_map(|x| match x {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            });
+            if let Some(ip) = addr {
+                out.push((a.header.index, ip));
+            }
+        }
+        Ok(out)
+    }
+
+    fn rule(family: AddressFamily, mark: u32, mask: u32, pref: u32, table: u32) -> RuleMessage {
+        let mut m = RuleMessage::default();
+        m.header.family = family;
+        m.header.action = RuleAction::ToTable;
+        m.header.table = table as u8;
+        m.attributes.push(RuleAttribute::FwMark(mark));
+        m.attributes.push(RuleAttribute::FwMask(mask));
+        m.attributes.push(RuleAttribute::Priority(pref));
+        m.attributes.push(RuleAttribute::Table(table));
+        m
+    }
+
+    /// `ip rule add fwmark MARK/MASK pref PREF lookup TABLE`. Returns false if it was there.
+    pub fn add_rule(
+        &mut self,
+        v6: bool,
+        mark: u32,
+        mask: u32,
+        pref: u32,
+        table: u32,
+    ) -> Result<bool, NetlinkError> {
+        let fam = if v6 {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        let msg = RouteNetlinkMessage::NewRule(Self::rule(fam, mark, mask, pref, table));
+        ignore_exists(self.request("add rule", msg, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL))
+    }
+
+    /// Removes the rule added by `add_rule`. Returns false if it was not there.
+    pub fn del_rule(
+        &mut self,
+        v6: bool,
+        mark: u32,
+        mask: u32,
+        pref: u32,
+        table: u32,
+    ) -> Result<bool, NetlinkError> {
+        let fam = if v6 {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        let msg = RouteNetlinkMessage::DelRule(Self::rule(fam, mark, mask, pref, table));
+        ignore_missing(self.request("delete rule", msg, NLM_F_ACK))
+    }
+
+    fn local_default(v6: bool, lo_index: u32, table: u32) -> RouteMessage {
+        let mut m = RouteMessage::default();
+        m.header.address_family = if v6 {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        m.header.destination_prefix_length = 0;
+        m.header.table = table as u8;
+        m.header.protocol = RouteProtocol::Boot;
+        m.header.scope = RouteScope::Host;
+        m.header.kind = RouteType::Local;
+        m.attributes.push(RouteAttribute::Table(table));
+        m.attributes.push(RouteAttribute::Destination(if v6 {
+            RouteAddress::Inet6(Ipv6Addr::UNSPECIFIED)
+        } else {
+            RouteAddress::Inet(Ipv4Addr::UNSPECIFIED)
+        }));
+        m.attributes.push(RouteAttribute::Oif(lo_index));
+        m
+    }
+
+    /// `ip route add local 0.0.0.0/0 dev lo table TABLE` (or `::/0`).
+    pub fn add_local_default(
+        &mut self,
+        v6: bool,
+        lo: u32,
+        table: u32,
+    ) -> Result<bool, NetlinkError> {
+        let msg = RouteNetlinkMessage::NewRoute(Self::local_default(v6, lo, table));
+        ignore_exists(self.request("add route", msg, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL))
+    }
+
+    pub fn del_local_default(
+        &mut self,
+        v6: bool,
+        lo: u32,
+        table: u32,
+    ) -> Result<bool, NetlinkError> {
+        let msg = RouteNetlinkMessage::DelRoute(Self::local_default(v6, lo, table));
+        ignore_missing(self.request("delete route", msg, NLM_F_ACK))
+    }
+}
+
+impl Netlink {
+    /// `tc qdisc del dev IF clsact`: removes the qdisc and every filter on it.
+    pub fn del_clsact(&mut self, ifindex: u32) -> Result<bool, NetlinkError> {
+        let mut m = TcMessage::default();
+        m.header.index = ifindex as i32;
+        m.header.handle = TcHandle {
+            major: 0xffff,
+            minor: 0,
+        };
+        m.header.parent = TcHandle {
+            major: 0xffff,
+            minor: 0xfff1,
+        }; // TC_H_CLSACT
+        m.attributes.push(TcAttribute::Kind("clsact".into()));
+        let msg = RouteNetlinkMessage::DelQueueDiscipline(m);
+        ignore_missing(self.request("delete clsact qdisc", msg, NLM_F_ACK))
+    }
+}
+
+fn ignore_exists(r: Result<Vec<RouteNetlinkMessage>, NetlinkError>) -> Result<bool, NetlinkError> {
+    match r {
+        Ok(_) => Ok(true),
+        Err(NetlinkError::Kernel { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn ignore_missing(r: Result<Vec<RouteNetlinkMessage>, NetlinkError>) -> Result<bool, NetlinkError> {
+    match r {
+        Ok(_) => Ok(true),
+        Err(NetlinkError::Kernel { source, .. })
+            if matches!(source.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}

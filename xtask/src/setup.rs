@@ -1,0 +1,194 @@
+//! Installing what the project needs on a fresh machine, each step idempotent.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// The nightly toolchain that builds the eBPF object. Never updated: bpf-linker is
+/// built against its own LLVM.
+pub const NIGHTLY: &str = "nightly";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the demo, tests and inspection use.
+const APT_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("bpftool", "bpftool")];
+
+pub fn all() -> Result<()> {
+    root()?;
+    apt()?;
+    toolchain()?;
+    bpffs()
+}
+
+fn root() -> Result<()> {
+    if !nix_is_root() {
+        bail!("must run as root (BPF programs, namespaces): run it with sudo");
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn have(bin: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn apt() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !have("apt-get") {
+        bail!(
+            "missing {}: install them with your package manager",
+            missing.join(", ")
+        );
+    }
+    println!("xtask: installing {}", missing.join(", "));
+    run_quiet(Command::new("apt-get").arg("update"), "apt-get update")?;
+    run_quiet(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+        "apt-get install",
+    )
+}
+
+fn run_quiet(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .with_context(|| what.to_string())?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The nightly toolchain with rust-src, and bpf-linker built against its LLVM.
+pub fn toolchain() -> Result<()> {
+    let sysroot = nightly_sysroot().map_err(|_| {
+        anyhow::anyhow!(
+            "the nightly toolchain is missing: install it with `rustup toolchain install nightly`"
+        )
+    })?;
+    if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
+        println!("xtask: adding the rust-src component to {NIGHTLY}");
+        run_quiet(
+            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]),
+            "rustup component add rust-src",
+        )?;
+    }
+    let linker = tools_dir().join("bin/bpf-linker");
+    if linker.exists() {
+        return Ok(());
+    }
+    println!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against the nightly LLVM (about a minute)"
+    );
+    let llvm = tools_dir().join("llvm");
+    let lib = llvm.join("lib");
+    std::fs::create_dir_all(&lib)?;
+    let libllvm = std::fs::read_dir(sysroot.join("lib"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .context("no libLLVM.so.* in the nightly toolchain")?;
+    for name in [
+        PathBuf::from("libLLVM.so"),
+        PathBuf::from(libllvm.file_name().unwrap()),
+    ] {
+        let link = lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&libllvm, &link)?;
+    }
+    let llvm_major = libllvm
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("libLLVM.so."))
+        .and_then(|v| v.split('.').next())
+        .context("cannot read the LLVM version of the nightly toolchain")?
+        .to_string();
+    let status = Command::new("rustup")
+        .args(["run", NIGHTLY, "cargo", "install", "--locked"])
+        .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm_major}"),
+        ])
+        .arg("--root")
+        .arg(tools_dir())
+        .env("LLVM_PREFIX", &llvm)
+        .env_remove("RUSTC")
+        .status()
+        .context("cargo install bpf-linker")?;
+    if !status.success() {
+        bail!("building bpf-linker failed ({status})");
+    }
+    Ok(())
+}
+
+fn nightly_sysroot() -> Result<PathBuf> {
+    let out = Command::new("rustc")
+        .args([&format!("+{NIGHTLY}"), "--print", "sysroot"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .output()?;
+    if !out.status.success() {
+        bail!("no nightly");
+    }
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+pub fn nightly_lib_dir() -> Result<PathBuf> {
+    Ok(nightly_sysroot()?.join("lib"))
+}
+
+/// Where bpf-linker lives: outside target/, so `cargo clean` keeps it.
+pub fn tools_dir() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
+    home.join(".cache/redirect-tools")
+}
+
+pub fn path_with_tools() -> Result<String> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    Ok(format!("{}:{path}", tools_dir().join("bin").display()))
+}
+
+/// A bpffs at /sys/fs/bpf, where the engine pins its state.
+fn bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
+    {
+        return Ok(());
+    }
+    let target = Path::new("/sys/fs/bpf");
+    std::fs::create_dir_all(target).ok();
+    run_quiet(
+        Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]),
+        "mount bpffs",
+    )
+}
