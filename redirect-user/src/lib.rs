@@ -9,5 +9,6 @@ pub mod demo;
 pub mod ebpf;
 pub mod netlink;
 pub mod netns;
+pub mod probe;
 pub mod proxy;
 pub mod topology;

@@ -18,6 +18,9 @@ struct Cli {
 enum Command {
     /// Build pods in namespaces, enrol them, send real traffic, clean up.
     Demo,
+    /// Connect from inside a network namespace, send a line, print the line that comes
+    /// back: shows where a pod's traffic really goes.
+    Probe(redirect_user::probe::ProbeArgs),
 }
 
 fn main() -> Result<()> {
@@ -31,5 +34,6 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Demo => rt.block_on(redirect_user::demo::run()),
+        Command::Probe(args) => redirect_user::probe::run(&args),
     }
 }

@@ -1,1 +1,402 @@
+//! Fixtures for the privileged integration tests: a topology of namespaces, an engine
+//! of its own (own bpffs directory), the bare relay as the proxy of each enrolled pod,
+//! apps, and helpers to look at what the kernel holds. Everything is removed on drop,
+//! on failure too.
 
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
+    process::Command,
+    sync::Mutex,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use redirect_user::proxy::relay::Relay;
+pub use redirect_user::{
+    ebpf::{Engine, EngineConfig, EnrolOutcome, PodOptions, ProxyIdentity},
+    netns::Netns,
+    proxy::{PodListeners, relay::AcceptEvent},
+    topology::{Host, Topology},
+};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+pub const APP_PORT: u16 = 8080;
+pub const PEER_PORT: u16 = 9090;
+
+/// Pods and outside peers on one bridge, with an engine of their own.
+pub struct Mesh {
+    pub rt: tokio::runtime::Runtime,
+    pub topo: Topology,
+    pub engine: Engine,
+    pub pin_dir: PathBuf,
+    relays: Mutex<HashMap<String, Relay>>,
+    tx: UnboundedSender<AcceptEvent>,
+    rx: Mutex<UnboundedReceiver<AcceptEvent>>,
+}
+
+impl Mesh {
+    /// `hosts`: (name, last address byte). Nothing is enrolled yet; every host runs an
+    /// echo app on APP_PORT and PEER_PORT, both families.
+    pub fn new(tag: &str, hosts: &[(&str, u8)]) -> Result<Self> {
+        let mut topo = Topology::new(tag)?;
+        for (name, n) in hosts {
+            topo.add_host(name, *n)?;
+        }
+        for (name, _) in hosts {
+            let h = topo.host(name);
+            let ns = h.netns()?;
+            for v6 in [false, true] {
+                for port in [APP_PORT, PEER_PORT] {
+                    echo_server(&ns, name, SocketAddr::new(h.addr(v6), port))?;
+                }
+            }
+        }
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/{}",
+            topo.node().trim_end_matches("-node")
+        ));
+        let engine = Engine::open(EngineConfig {
+            pin_dir: pin_dir.clone(),
+            proxy_identity: ProxyIdentity::OwnCgroup,
+        })
+        .context("opening the engine")?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let (tx, rx) = unbounded_channel();
+        Ok(Self {
+            rt,
+            topo,
+            engine,
+            pin_dir,
+            relays: Mutex::new(HashMap::new()),
+            tx,
+            rx: Mutex::new(rx),
+        })
+    }
+
+    pub fn host(&self, name: &str) -> &Host {
+        self.topo.host(name)
+    }
+
+    pub fn ns(&self, name: &str) -> Netns {
+        self.host(name).netns().expect("namespace")
+    }
+
+    pub fn addr(&self, name: &str, v6: bool, port: u16) -> SocketAddr {
+        SocketAddr::new(self.host(name).addr(v6), port)
+    }
+
+    /// Opens the pod's proxy listeners, enrols it and starts the relay behind them.
+    pub fn enrol(&self, name: &str, options: PodOptions) -> Result<EnrolOutcome> {
+        let ns = self.ns(name);
+        let listeners = PodListeners::open(&ns, options.dns_capture)?;
+        let out = self
+            .engine
+            .enrol(name, &ns, &options, &listeners.sockets())?;
+        let _guard = self.rt.enter();
+        let relay = Relay::start(name, ns, listeners, Some(self.tx.clone()))?;
+        self.relays.lock().unwrap().insert(name.into(), relay);
+        Ok(out)
+    }
+
+    /// Stops the pod's proxy: its listeners close, the pod stays enrolled.
+    pub fn stop_proxy(&self, name: &str) {
+        if let Some(r) = self.relays.lock().unwrap().remove(name) {
+            self.rt.block_on(r.stop());
+        }
+    }
+
+    pub fn unenrol(&self, name: &str) -> Result<bool> {
+        self.stop_proxy(name);
+        Ok(self.engine.unenrol(name)?)
+    }
+
+    /// The accept events since the last call (waits for stragglers).
+    pub fn events(&self) -> Vec<AcceptEvent> {
+        std::thread::sleep(Duration::from_millis(50));
+        let mut rx = self.rx.lock().unwrap();
+        let mut out = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            out.push(e);
+        }
+        out
+    }
+
+    pub fn counters(&self, pod: &str) -> redirect_ebpf::PodCounters {
+        self.engine.counters(pod).expect("counters")
+    }
+
+    /// `bpftool -j map dump pinned <pin_dir>/maps/<name>`.
+    pub fn dump_map(&self, name: &str) -> Result<Vec<serde_json::Value>> {
+        let path = self.pin_dir.join("maps").join(name);
+        bpftool_json(&["map", "dump", "pinned", path.to_str().unwrap()])
+            .map(|v| v.as_array().cloned().unwrap_or_default())
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        let relays: Vec<Relay> = self
+            .relays
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, r)| r)
+            .collect();
+        for r in relays {
+            self.rt.block_on(r.stop());
+        }
+        for p in self.engine.pods() {
+            let _ = self.engine.unenrol(&p.uid);
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+pub fn bpftool_json(args: &[&str]) -> Result<serde_json::Value> {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .context("running bpftool")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// `ip -n NS ARGS…` output.
+pub fn ip_out(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .arg("-n")
+        .arg(ns)
+        .args(args)
+        .output()
+        .expect("ip");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `tc -n NS ARGS…` output.
+pub fn tc_out(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("tc")
+        .arg("-n")
+        .arg(ns)
+        .args(args)
+        .output()
+        .expect("tc");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An echo app: answers each line with `<who> from <peer> got <line>`.
+pub fn echo_server(ns: &Netns, who: &str, addr: SocketAddr) -> Result<()> {
+    redirect_user::demo::echo_server(ns, who, addr)
+}
+
+/// One line exchanged over a new connection from inside `ns`.
+pub fn ask(ns: &Netns, to: SocketAddr) -> Result<String> {
+    redirect_user::demo::ask(ns, to, "hello")
+}
+
+/// Like `ask`, from a socket bound to `source` (port chosen by the kernel).
+pub fn ask_from(ns: &Netns, source: IpAddr, to: SocketAddr) -> Result<String> {
+    let args = redirect_user::probe::ProbeArgs {
+        netns: format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(ns))
+        ),
+        mark: None,
+        source: Some(source),
+        timeout: 3,
+        send: "hello".into(),
+        addr: to,
+    };
+    redirect_user::probe::exchange(&args)
+}
+
+/// A UDP echo server (answers each datagram with `<who>:<datagram>`).
+pub fn udp_echo(ns: &Netns, who: &str, addr: SocketAddr) -> Result<()> {
+    let s = ns.run(|| UdpSocket::bind(addr))??;
+    let who = who.to_string();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let mut out = format!("{who}:").into_bytes();
+            out.extend_from_slice(&buf[..n]);
+            let _ = s.send_to(&out, from);
+        }
+    });
+    Ok(())
+}
+
+/// One datagram to `to` from inside `ns`; the answer and the address it came from.
+pub fn udp_ask(ns: &Netns, to: SocketAddr, msg: &str) -> Result<(String, SocketAddr)> {
+    let bind: SocketAddr = if to.is_ipv6() {
+        "[::]:0".parse()?
+    } else {
+        "0.0.0.0:0".parse()?
+    };
+    let s = ns.run(|| UdpSocket::bind(bind))??;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.send_to(msg.as_bytes(), to)?;
+    let mut buf = [0u8; 1500];
+    let (n, from) = s.recv_from(&mut buf)?;
+    Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+}
+
+/// A server that, on each connection, sends `bytes` of a known pattern while reading
+/// and checking the same pattern from the client, then reports the digest it read.
+pub fn bulk_server(ns: &Netns, addr: SocketAddr, bytes: usize) -> Result<()> {
+    let l = ns.run(|| TcpListener::bind(addr))??;
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let writer = std::thread::spawn(move || {
+                    let _ = write_pattern(&mut w, bytes, 7);
+                    let _ = w.shutdown(std::net::Shutdown::Write);
+                });
+                let mut r = s;
+                let _ = check_pattern(&mut r, bytes, 3);
+                let _ = writer.join();
+            });
+        }
+    });
+    Ok(())
+}
+
+/// A deterministic byte stream: `seed` picks it.
+pub fn pattern_byte(i: usize, seed: u8) -> u8 {
+    (i.wrapping_mul(2654435761) >> 13) as u8 ^ seed
+}
+
+pub fn write_pattern(w: &mut impl Write, bytes: usize, seed: u8) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut i = 0;
+    while i < bytes {
+        let n = buf.len().min(bytes - i);
+        for (k, b) in buf[..n].iter_mut().enumerate() {
+            *b = pattern_byte(i + k, seed);
+        }
+        w.write_all(&buf[..n])?;
+        i += n;
+    }
+    Ok(())
+}
+
+/// Reads to EOF; Ok(n) if every byte matched the pattern, an error at the first mismatch.
+pub fn check_pattern(r: &mut impl Read, bytes: usize, seed: u8) -> std::io::Result<usize> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut i = 0;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        for (k, b) in buf[..n].iter().enumerate() {
+            if *b != pattern_byte(i + k, seed) {
+                return Err(std::io::Error::other(format!("byte {} differs", i + k)));
+            }
+        }
+        i += n;
+    }
+    if i != bytes {
+        return Err(std::io::Error::other(format!(
+            "got {i} bytes, expected {bytes}"
+        )));
+    }
+    Ok(i)
+}
+
+/// Connects from `ns` to `to`, sends `bytes` and checks the `bytes` that come back.
+pub fn bulk_exchange(ns: &Netns, to: SocketAddr, bytes: usize) -> Result<()> {
+    let s = ns.run(|| TcpStream::connect_timeout(&to, Duration::from_secs(3)))??;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut w = s.try_clone()?;
+    let writer = std::thread::spawn(move || {
+        let r = write_pattern(&mut w, bytes, 3);
+        let _ = w.shutdown(std::net::Shutdown::Write);
+        r
+    });
+    let mut r = s;
+    check_pattern(&mut r, bytes, 7).context("checking what came back")?;
+    writer.join().unwrap().context("sending")?;
+    Ok(())
+}
+
+/// The lines of a file-like reader (for tests reading `ip` output).
+pub fn lines(s: &str) -> Vec<String> {
+    BufReader::new(s.as_bytes())
+        .lines()
+        .map_while(Result::ok)
+        .collect()
+}
+
+/// A cgroup v2 group for processes that play an app: not the proxy's cgroup.
+pub struct AppCgroup {
+    pub path: PathBuf,
+}
+
+impl AppCgroup {
+    pub fn new(tag: &str) -> Result<Self> {
+        let root = redirect_user::ebpf::cgroup2_mount().context("no cgroup2 mounted")?;
+        let path = root.join(format!("redirect-test-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+
+    /// Runs `redirect-user probe ARGS…` inside this cgroup; its stdout, or an error.
+    pub fn probe(&self, args: &[&str]) -> Result<String> {
+        let bin = redirect_user_bin()?;
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec {} probe {}",
+            self.path.display(),
+            bin.display(),
+            args.join(" ")
+        );
+        let out = Command::new("sh").arg("-c").arg(&script).output()?;
+        if !out.status.success() {
+            bail!(
+                "probe failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for AppCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// The `redirect-user` binary (built by `cargo xtask test` before the tests run).
+pub fn redirect_user_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("REDIRECT_USER_BIN") {
+        return Ok(p.into());
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/redirect-user
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("redirect-user"))
+        .context("no target dir")?;
+    if !bin.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build --release -p redirect-user`",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}

@@ -12,7 +12,11 @@ use anyhow::{Context, Result, bail};
 pub const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the demo, tests and inspection use.
-const APT_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("bpftool", "bpftool")];
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("bpftool", "bpftool"),
+    ("ping", "iputils-ping"),
+];
 
 pub fn all() -> Result<()> {
     root()?;
