@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail, ensure};
 use tokio::sync::mpsc;
 
 use crate::{
-    ebpf::{Engine, EngineConfig, PodOptions, ProxyIdentity},
+    ebpf::{Engine, EngineConfig, PodOptions},
     netns::Netns,
     proxy::{
         PodListeners,
@@ -82,11 +82,7 @@ pub async fn run() -> Result<()> {
     }
 
     println!("== loading the engine (pinned under {})", pin_dir.display());
-    let engine = Engine::open(EngineConfig {
-        pin_dir: pin_dir.clone(),
-        proxy_identity: ProxyIdentity::OwnCgroup,
-    })
-    .context("opening the engine")?;
+    let engine = Engine::open(EngineConfig::at(&pin_dir)).context("opening the engine")?;
     let (tx, mut rx) = mpsc::unbounded_channel::<AcceptEvent>();
     let mut relays = Vec::new();
     for (name, ns) in [("pod-a", &na), ("pod-b", &nb)] {

@@ -41,6 +41,15 @@ impl Mesh {
     /// `hosts`: (name, last address byte). Nothing is enrolled yet; every host runs an
     /// echo app on APP_PORT and PEER_PORT, both families.
     pub fn new(tag: &str, hosts: &[(&str, u8)]) -> Result<Self> {
+        Self::with_config(tag, hosts, |_| {})
+    }
+
+    /// Like `new`, with changes to the engine's configuration.
+    pub fn with_config(
+        tag: &str,
+        hosts: &[(&str, u8)],
+        cfg: impl FnOnce(&mut EngineConfig),
+    ) -> Result<Self> {
         let mut topo = Topology::new(tag)?;
         for (name, n) in hosts {
             topo.add_host(name, *n)?;
@@ -58,11 +67,9 @@ impl Mesh {
             "/sys/fs/bpf/{}",
             topo.node().trim_end_matches("-node")
         ));
-        let engine = Engine::open(EngineConfig {
-            pin_dir: pin_dir.clone(),
-            proxy_identity: ProxyIdentity::OwnCgroup,
-        })
-        .context("opening the engine")?;
+        let mut config = EngineConfig::at(&pin_dir);
+        cfg(&mut config);
+        let engine = Engine::open(config).context("opening the engine")?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

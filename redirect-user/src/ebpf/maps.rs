@@ -20,6 +20,7 @@ pub struct Maps {
     pub proxy_cgroups: HashMap<MapData, u64, u8>,
     pub counters: PerCpuArray<MapData, PodCounters>,
     pub pod_index: HashMap<MapData, PodUid, PodRecord>,
+    max_pods: u32,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -33,7 +34,7 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
 }
 
 impl Maps {
-    pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapError> {
+    pub fn take(ebpf: &mut Ebpf, max_pods: u32) -> Result<Self, MapError> {
         Ok(Self {
             pods: take(ebpf, names::PODS)?,
             pod_addrs: take(ebpf, names::POD_ADDRS)?,
@@ -49,6 +50,7 @@ impl Maps {
             proxy_cgroups: take(ebpf, names::PROXY_CGROUPS)?,
             counters: take(ebpf, names::COUNTERS)?,
             pod_index: take(ebpf, names::POD_INDEX)?,
+            max_pods,
         })
     }
 
@@ -86,6 +88,11 @@ impl Maps {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// How many pods the maps hold.
+    pub fn pod_index_capacity(&self) -> u32 {
+        self.max_pods
     }
 
     pub fn zero_counters(&mut self, id: u32) -> Result<(), MapError> {

@@ -55,6 +55,8 @@ pub enum ProxyIdentity {
 pub struct EngineConfig {
     pub pin_dir: PathBuf,
     pub proxy_identity: ProxyIdentity,
+    /// Size of the pod maps (at most `MAX_PODS - 1`); applies when they are created.
+    pub max_pods: u32,
 }
 
 impl Default for EngineConfig {
@@ -62,6 +64,17 @@ impl Default for EngineConfig {
         Self {
             pin_dir: DEFAULT_PIN_DIR.into(),
             proxy_identity: ProxyIdentity::OwnCgroup,
+            max_pods: MAX_PODS - 1,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Defaults, pinned under `pin_dir`.
+    pub fn at(pin_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            pin_dir: pin_dir.into(),
+            ..Self::default()
         }
     }
 }
@@ -157,6 +170,9 @@ impl Engine {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        let max_pods = config.max_pods.clamp(1, MAX_PODS - 1);
+        loader.map_max_entries(names::PODS, max_pods);
+        loader.map_max_entries(names::POD_INDEX, max_pods);
         let mut ebpf = loader.load(OBJECT)?;
         start_ebpf_logger(&mut ebpf);
 
@@ -168,7 +184,7 @@ impl Engine {
         ] {
             load_and_pin::<SchedClassifier>(&mut ebpf, name, &pin_dir)?;
         }
-        let mut maps = Maps::take(&mut ebpf)?;
+        let mut maps = Maps::take(&mut ebpf, max_pods)?;
         set_proxy_identity(&mut maps, &config.proxy_identity)?;
         let pods = pod::adopt_pinned(&maps);
         info!(pin_dir = %pin_dir.display(), pods = pods.len(), "redirect: engine ready");
@@ -234,6 +250,29 @@ impl Engine {
         inner.pods.iter().map(|(uid, s)| s.describe(uid)).collect()
     }
 
+    /// The proxy sockets the engine holds for a pod: (port, is UDP, socket cookie).
+    pub fn sockets(&self, uid: &str) -> Result<Vec<(u16, bool, u64)>, EnrolError> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let pod = inner
+            .pods
+            .get(uid)
+            .ok_or_else(|| EnrolError::NotEnrolled { uid: uid.into() })?;
+        let netns = pod.record.netns_cookie;
+        let mut out = Vec::new();
+        for (port, proto) in pod::SOCKET_SLOTS {
+            let key = redirect_ebpf::ListenerKey {
+                netns,
+                port,
+                proto: proto as u16,
+                _pad: 0,
+            };
+            if let Ok(Some(cookie)) = inner.maps.listener_cookie(&key) {
+                out.push((port, proto == redirect_ebpf::IPPROTO_UDP, cookie));
+            }
+        }
+        Ok(out)
+    }
+
     /// The pod's counters, summed over CPUs.
     pub fn counters(&self, uid: &str) -> Result<PodCounters, EnrolError> {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -256,12 +295,6 @@ impl Engine {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.maps.proxy_cgroups.insert(cgroup_id, 1, 0)?;
         Ok(())
-    }
-
-    /// How many more pods fit.
-    pub fn capacity_left(&self) -> u32 {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        MAX_PODS - 1 - inner.pods.len() as u32
     }
 }
 

@@ -31,6 +31,14 @@ const TC_HANDLE: TcHandle = TcHandle::new(0, 0x539);
 const CLSACT_BASE: u32 = 1 << 8;
 const CLSACT_LO: u32 = 1 << 15;
 const SO_NETNS_COOKIE: libc::c_int = 71;
+/// The proxy sockets a pod can have: (port, protocol).
+pub(crate) const SOCKET_SLOTS: [(u16, u32); 5] = [
+    (PORT_OUTBOUND, IPPROTO_TCP),
+    (PORT_INBOUND, IPPROTO_TCP),
+    (PORT_TUNNEL, IPPROTO_TCP),
+    (PORT_DNS, IPPROTO_UDP),
+    (PORT_DNS, IPPROTO_TCP),
+];
 
 #[derive(Debug, Clone, Default)]
 pub struct PodOptions {
@@ -466,7 +474,7 @@ fn write_maps(
         .map_err(|e| step(uid, "zero counters")(e.to_string()))?;
     maps.pod_index
         .insert(uid_key(uid), *record, 0)
-        .map_err(|e| full_or(uid, "pod index", MAX_PODS, e))?;
+        .map_err(|e| full_or(uid, "pod index", maps.pod_index_capacity(), e))?;
     for a in &info.addrs {
         let key = addr_key(a);
         if let Ok(other) = maps.pod_addrs.get(&key, 0) {
