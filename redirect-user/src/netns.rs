@@ -153,12 +153,12 @@ impl GoHome {
 
 impl Drop for GoHome {
     fn drop(&mut self) {
-        if let Some(home) = self.0.take() {
-            if let Err(e) = setns(&home.fd, CloneFlags::CLONE_NEWNET) {
-                // A thread stuck in a pod namespace would act there for others: stop.
-                eprintln!("fatal: cannot return a thread to its network namespace: {e}");
-                std::process::abort();
-            }
+        if let Some(home) = self.0.take()
+            && let Err(e) = setns(&home.fd, CloneFlags::CLONE_NEWNET)
+        {
+            // A thread stuck in a pod namespace would act there for others: stop.
+            eprintln!("fatal: cannot return a thread to its network namespace: {e}");
+            std::process::abort();
         }
     }
 }

@@ -417,9 +417,8 @@ fn row12_unenrolment_leaves_nothing() {
     assert_eq!(ip_out(&ns, &["route", "show", "table", "100"]), "");
     assert_eq!(ip_out(&ns, &["-6", "route", "show", "table", "100"]), "");
     for dev in ["eth0", "lo"] {
-        assert_eq!(
-            tc_out(&ns, &["qdisc", "show", "dev", dev]).contains("clsact"),
-            false,
+        assert!(
+            !tc_out(&ns, &["qdisc", "show", "dev", dev]).contains("clsact"),
             "{dev}"
         );
     }

@@ -74,6 +74,8 @@ fn run(cli: Cli) -> Result<()> {
         Task::Test { args } => {
             setup::all()?;
             build_ebpf(true)?;
+            // The tests run the CLI as a separate process (an app in another cgroup).
+            cargo(&["build", "--release", "-p", "redirect-user"])?;
             let mut a = vec!["test", "--workspace", "--release"];
             if !args.is_empty() {
                 a.push("--");

@@ -136,7 +136,7 @@ fn is_on_bpffs(path: &Path) -> bool {
     while let Some(dir) = p {
         if dir.exists() {
             return nix::sys::statfs::statfs(dir)
-                .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+                .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
                 .unwrap_or(false);
         }
         p = dir.parent();

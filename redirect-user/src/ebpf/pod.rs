@@ -477,11 +477,11 @@ fn write_maps(
         .map_err(|e| full_or(uid, "pod index", maps.pod_index_capacity(), e))?;
     for a in &info.addrs {
         let key = addr_key(a);
-        if let Ok(other) = maps.pod_addrs.get(&key, 0) {
-            if other.netns != info.cookie {
-                // The address moved to a new pod (the old one went without un-enrolment).
-                warn!(uid, addr = %a, other_pod = other.pod, "redirect: address taken over from another pod");
-            }
+        if let Ok(other) = maps.pod_addrs.get(&key, 0)
+            && other.netns != info.cookie
+        {
+            // The address moved to a new pod (the old one went without un-enrolment).
+            warn!(uid, addr = %a, other_pod = other.pod, "redirect: address taken over from another pod");
         }
         let owner = PodAddr {
             netns: info.cookie,
@@ -745,14 +745,14 @@ fn undo_in_ns(record: &PodRecord, uid: &str) -> Result<(), EnrolError> {
         Ok(mut nl) => {
             let links = nl.links().unwrap_or_default();
             for (i, name) in &ifaces {
-                if record.flags & (CLSACT_BASE << i) != 0 {
-                    if let Some(l) = links.iter().find(|l| &l.name == name) {
-                        keep(
-                            nl.del_clsact(l.index)
-                                .map(|_| ())
-                                .map_err(|e| step(uid, "delete clsact")(e.to_string())),
-                        );
-                    }
+                if record.flags & (CLSACT_BASE << i) != 0
+                    && let Some(l) = links.iter().find(|l| &l.name == name)
+                {
+                    keep(
+                        nl.del_clsact(l.index)
+                            .map(|_| ())
+                            .map_err(|e| step(uid, "delete clsact")(e.to_string())),
+                    );
                 }
             }
             if let Some(lo) = links.iter().find(|l| l.loopback) {
