@@ -63,7 +63,7 @@ fn ip(args: &[&str]) -> Result<()> {
 
 impl Topology {
     /// A new topology whose namespaces are named `<tag>-<unique>-…`. Each topology gets
-    /// its own subnets 10.<n>.0.0/24 and fd00:<n>::/64, `n` from 100 up.
+    /// its own subnets 10.<n>.0.0/16 and fd00:<n>::/64, `n` from 100 up.
     pub fn new(tag: &str) -> Result<Self> {
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let unique = format!("{:x}{:x}", std::process::id() & 0xffff, seq);
@@ -83,12 +83,13 @@ impl Topology {
         Ok(t)
     }
 
-    /// Adds a host namespace with `eth0` on the bridge, at .`n` / ::`n` of the subnet.
-    pub fn add_host(&mut self, name: &str, n: u8) -> Result<&Host> {
+    /// Adds a host namespace with `eth0` on the bridge, host number `n` (1 to 65534) of
+    /// the subnets.
+    pub fn add_host(&mut self, name: &str, n: u16) -> Result<&Host> {
         let ns = format!("{}-{name}", self.prefix);
         ip(&["netns", "add", &ns])?;
-        let v4 = Ipv4Addr::new(10, self.subnet, 0, n);
-        let v6 = Ipv6Addr::new(0xfd00, self.subnet as u16, 0, 0, 0, 0, 0, n as u16);
+        let v4 = Ipv4Addr::new(10, self.subnet, (n >> 8) as u8, n as u8);
+        let v6 = Ipv6Addr::new(0xfd00, self.subnet as u16, 0, 0, 0, 0, 0, n);
         self.hosts.push(Host {
             name: ns.clone(),
             v4,
@@ -103,7 +104,7 @@ impl Topology {
             "-n", &self.node, "link", "set", &port, "master", "br0", "up",
         ])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{v4}/16"), "dev", "eth0"])?;
         ip(&[
             "-n",
             &ns,

@@ -40,14 +40,14 @@ pub struct Mesh {
 impl Mesh {
     /// `hosts`: (name, last address byte). Nothing is enrolled yet; every host runs an
     /// echo app on APP_PORT and PEER_PORT, both families.
-    pub fn new(tag: &str, hosts: &[(&str, u8)]) -> Result<Self> {
+    pub fn new(tag: &str, hosts: &[(&str, u16)]) -> Result<Self> {
         Self::with_config(tag, hosts, |_| {})
     }
 
     /// Like `new`, with changes to the engine's configuration.
     pub fn with_config(
         tag: &str,
-        hosts: &[(&str, u8)],
+        hosts: &[(&str, u16)],
         cfg: impl FnOnce(&mut EngineConfig),
     ) -> Result<Self> {
         let mut topo = Topology::new(tag)?;

@@ -29,10 +29,10 @@ fn nothing_enrolled() -> Vec<(&'static str, usize)> {
 fn fifty_pods_in_and_out_leave_nothing_behind() {
     const PODS: u8 = 50;
     let names: Vec<String> = (0..PODS).map(|i| format!("p{i}")).collect();
-    let hosts: Vec<(&str, u8)> = names
+    let hosts: Vec<(&str, u16)> = names
         .iter()
         .enumerate()
-        .map(|(i, n)| (n.as_str(), 10 + i as u8))
+        .map(|(i, n)| (n.as_str(), 10 + i as u16))
         .chain([("c", 200)])
         .collect();
     let m = Mesh::new("fifty", &hosts).unwrap();

@@ -30,6 +30,12 @@ enum Task {
     Build,
     /// Run the demo: namespaces, programs and traffic on this machine's kernel.
     Demo,
+    /// Measure, side by side in one run (results in target/bench/).
+    Bench {
+        /// The short variant (fewer pods).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run every test: unit tests and the privileged integration tests.
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
@@ -70,6 +76,16 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("the demo failed ({status})");
             }
             Ok(())
+        }
+        Task::Bench { quick } => {
+            setup::all()?;
+            setup::bench_tools()?;
+            build_ebpf(true)?;
+            let mut a = vec!["bench", "-p", "redirect-tests", "--bench", "enrol", "--"];
+            if quick {
+                a.push("--quick");
+            }
+            cargo(&a)
         }
         Task::Test { args } => {
             setup::all()?;

@@ -45,8 +45,17 @@ fn have(bin: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// What the benchmarks add: the netfilter tools they compare with.
+pub fn bench_tools() -> Result<()> {
+    apt_install(&[("iptables-restore", "iptables")])
+}
+
 fn apt() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    apt_install(APT_PACKAGES)
+}
+
+fn apt_install(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(bin, _)| !have(bin))
         .map(|(_, pkg)| *pkg)

@@ -1,0 +1,253 @@
+//! Enrolment cost, side by side in one run on the same namespaces: the engine's
+//! `enrol` against what the netfilter design does per pod (the in-pod rule set of
+//! inpod-rules.md applied with `iptables-restore` and `ip6tables-restore`, plus the
+//! return-routing rule and routes). Run by `cargo xtask bench`.
+//!
+//! Output: a table on stdout, `target/bench/enrol.md` and `target/bench/enrol.json`.
+
+use std::{
+    io::Write,
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::process::CommandExt,
+    },
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use redirect_ebpf::{MARK_MASK, RETURN_MARK, ROUTE_TABLE, RULE_PREF};
+use redirect_tests::*;
+use redirect_user::netlink::Netlink;
+
+/// The rule set the engine replaces (inpod-rules.md), IPv4 form.
+const RULES_V4: &str = "*mangle
+:ISTIO_PRERT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+-A PREROUTING -j ISTIO_PRERT
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
+-A ISTIO_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+COMMIT
+*nat
+:ISTIO_PRERT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+-A PREROUTING -j ISTIO_PRERT
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_PRERT -s 169.254.7.127 -p tcp -m tcp -j ACCEPT
+-A ISTIO_OUTPUT -d 169.254.7.127 -p tcp -m tcp -j ACCEPT
+-A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006
+-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
+COMMIT
+";
+
+fn rules_v6() -> String {
+    RULES_V4
+        .replace("169.254.7.127", "fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
+        .replace("127.0.0.1/32", "::1/128")
+}
+
+/// Runs `prog` inside the namespace (entered between fork and exec), feeding `input`.
+fn restore_in(ns: &Netns, prog: &str, input: &str) -> Result<()> {
+    let fd = ns.as_fd().as_raw_fd();
+    let mut cmd = Command::new(prog);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: setns is async-signal-safe; the fd stays open in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().with_context(|| format!("running {prog}"))?;
+    child.stdin.take().unwrap().write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{prog}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// What the netfilter design does to enrol one pod.
+fn iptables_enrol(ns: &Netns, v6_rules: &str) -> Result<()> {
+    restore_in(ns, "iptables-restore", RULES_V4)?;
+    restore_in(ns, "ip6tables-restore", v6_rules)?;
+    ns.run(|| -> Result<()> {
+        let mut nl = Netlink::open()?;
+        let lo = nl
+            .links()?
+            .into_iter()
+            .find(|l| l.loopback)
+            .context("no lo")?
+            .index;
+        for v6 in [false, true] {
+            nl.add_rule(v6, RETURN_MARK, MARK_MASK, RULE_PREF, ROUTE_TABLE)?;
+            nl.add_local_default(v6, lo, ROUTE_TABLE)?;
+        }
+        Ok(())
+    })?
+}
+
+fn iptables_unenrol(ns: &Netns) -> Result<()> {
+    for prog in ["iptables-restore", "ip6tables-restore"] {
+        restore_in(ns, prog, "*mangle\nCOMMIT\n*nat\nCOMMIT\n")?;
+    }
+    ns.run(|| -> Result<()> {
+        let mut nl = Netlink::open()?;
+        let lo = nl
+            .links()?
+            .into_iter()
+            .find(|l| l.loopback)
+            .context("no lo")?
+            .index;
+        for v6 in [false, true] {
+            nl.del_rule(v6, RETURN_MARK, MARK_MASK, RULE_PREF, ROUTE_TABLE)?;
+            nl.del_local_default(v6, lo, ROUTE_TABLE)?;
+        }
+        Ok(())
+    })?
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(|l| l.to_string())
+        })
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+struct Row {
+    pods: usize,
+    ebpf: Vec<Duration>,
+    ebpf_total: Duration,
+    ipt: Vec<Duration>,
+    ipt_total: Duration,
+    rss_per_pod_kib: f64,
+}
+
+fn measure(pods: usize) -> Result<Row> {
+    let mut topo = Topology::new("rbench")?;
+    for i in 0..pods {
+        topo.add_host(&format!("p{i}"), 10 + i as u16)?;
+    }
+    let pin = format!("/sys/fs/bpf/rbench-{}-{pods}", std::process::id());
+    let engine = Engine::open(EngineConfig::at(&pin))?;
+    let nss: Vec<Netns> = (0..pods)
+        .map(|i| topo.host(&format!("p{i}")).netns())
+        .collect::<Result<_>>()?;
+    let listeners: Vec<PodListeners> = nss
+        .iter()
+        .map(|ns| PodListeners::open(ns, false))
+        .collect::<Result<_, _>>()?;
+
+    let rss_before = rss_kib();
+    let mut ebpf = Vec::with_capacity(pods);
+    let all = Instant::now();
+    for (i, (ns, l)) in nss.iter().zip(&listeners).enumerate() {
+        let t = Instant::now();
+        engine.enrol(&format!("p{i}"), ns, &PodOptions::default(), &l.sockets())?;
+        ebpf.push(t.elapsed());
+    }
+    let ebpf_total = all.elapsed();
+    let rss_per_pod_kib = rss_kib().saturating_sub(rss_before) as f64 / pods as f64;
+    for i in 0..pods {
+        engine.unenrol(&format!("p{i}"))?;
+    }
+    drop(listeners);
+
+    let v6 = rules_v6();
+    let mut ipt = Vec::with_capacity(pods);
+    let all = Instant::now();
+    for ns in &nss {
+        let t = Instant::now();
+        iptables_enrol(ns, &v6)?;
+        ipt.push(t.elapsed());
+    }
+    let ipt_total = all.elapsed();
+    for ns in &nss {
+        iptables_unenrol(ns)?;
+    }
+    drop(engine);
+    let _ = std::fs::remove_dir_all(&pin);
+    ebpf.sort();
+    ipt.sort();
+    Ok(Row {
+        pods,
+        ebpf,
+        ebpf_total,
+        ipt,
+        ipt_total,
+        rss_per_pod_kib,
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let sizes: &[usize] = if quick { &[1, 100] } else { &[1, 100, 500] };
+    let out_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut md = String::from(
+        "| pods | eBPF p50 (ms) | eBPF p99 (ms) | eBPF total (ms) | iptables p50 (ms) | iptables p99 (ms) | iptables total (ms) | p50 ratio | agent RSS per pod (KiB) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut json = Vec::new();
+    for &n in sizes {
+        let r = measure(n)?;
+        let (e50, e99, i50, i99) = (
+            pct(&r.ebpf, 0.5),
+            pct(&r.ebpf, 0.99),
+            pct(&r.ipt, 0.5),
+            pct(&r.ipt, 0.99),
+        );
+        md.push_str(&format!(
+            "| {} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} | {:.1} | {:.1}x | {:.1} |\n",
+            r.pods,
+            ms(e50),
+            ms(e99),
+            ms(r.ebpf_total),
+            ms(i50),
+            ms(i99),
+            ms(r.ipt_total),
+            ms(i50) / ms(e50),
+            r.rss_per_pod_kib
+        ));
+        json.push(serde_json::json!({
+            "pods": r.pods,
+            "ebpf_ms": {"p50": ms(e50), "p99": ms(e99), "total": ms(r.ebpf_total)},
+            "iptables_ms": {"p50": ms(i50), "p99": ms(i99), "total": ms(r.ipt_total)},
+            "agent_rss_per_pod_kib": r.rss_per_pod_kib,
+        }));
+    }
+    let ipt = Command::new("iptables-restore").arg("--version").output()?;
+    let header = format!(
+        "Enrolment per pod, one pod after another in fresh namespaces. eBPF: `Engine::enrol` \
+         (maps, sk_lookup link, rule and routes, tc filters). iptables: the in-pod rule set \
+         with `{}` and ip6tables-restore, plus the rule and routes over netlink.\n\n",
+        String::from_utf8_lossy(&ipt.stdout).trim()
+    );
+    println!("{header}{md}");
+    std::fs::write(out_dir.join("enrol.md"), format!("{header}{md}"))?;
+    std::fs::write(
+        out_dir.join("enrol.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    Ok(())
+}
