@@ -61,6 +61,22 @@ pub mod names {
     pub const PROXY_CGROUPS: &str = "proxy_cgroups";
     pub const COUNTERS: &str = "counters";
     pub const POD_INDEX: &str = "pod_index";
+    pub const IN_HELPER_LOOKUP: &str = "in_helper_lookup";
+    /// aya-log's ring buffer; pinned so that a restarted loader reads the logs of the
+    /// programs an earlier run attached.
+    pub const LOGS: &str = "AYA_LOGS";
+    /// Every map of the object, all pinned.
+    pub const ALL_MAPS: [&str; 9] = [
+        PODS,
+        POD_ADDRS,
+        LISTENERS,
+        FLOWS,
+        PROXY_CGROUPS,
+        COUNTERS,
+        POD_INDEX,
+        IN_HELPER_LOOKUP,
+        LOGS,
+    ];
     pub const PROG_SK_LOOKUP: &str = "redirect_lookup";
     pub const PROG_EGRESS: &str = "redirect_egress";
     pub const PROG_INGRESS: &str = "redirect_ingress";

@@ -114,6 +114,10 @@ fn iptables_unenrol(ns: &Netns) -> Result<()> {
     })?
 }
 
+fn settle(pods: usize) -> Duration {
+    Duration::from_millis(200 + 4 * pods as u64)
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
@@ -155,6 +159,9 @@ fn measure(pods: usize) -> Result<Row> {
         .map(|ns| PodListeners::open(ns, false))
         .collect::<Result<_, _>>()?;
 
+    // Creating hundreds of namespaces leaves the kernel busy for a while (IPv6 address
+    // configuration among others); both sides are measured once it has settled.
+    std::thread::sleep(settle(pods));
     let rss_before = rss_kib();
     let mut ebpf = Vec::with_capacity(pods);
     let all = Instant::now();
@@ -201,6 +208,11 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() -> Result<()> {
+    // RUST_LOG=redirect_user=debug shows each enrolment's steps.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let quick = std::env::args().any(|a| a == "--quick");
     let sizes: &[usize] = if quick { &[1, 100] } else { &[1, 100, 500] };
     let out_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");

@@ -4,7 +4,7 @@
 //!
 //! Pinned layout (default root `/sys/fs/bpf/redirect`):
 //! ```text
-//! maps/{pods,pod_addrs,listeners,flows,proxy_cgroups,counters,pod_index}
+//! maps/{pods,pod_addrs,listeners,flows,proxy_cgroups,counters,pod_index,in_helper_lookup,AYA_LOGS}
 //! progs/{redirect_lookup,redirect_egress,redirect_ingress,redirect_loopback}
 //! links/<pod uid>          the pod's sk_lookup link
 //! ```
@@ -153,18 +153,10 @@ impl Engine {
             std::fs::create_dir_all(&p)
                 .map_err(|source| EngineError::PinDir { path: p, source })?;
         }
-        let map_paths: Vec<(&str, PathBuf)> = [
-            names::PODS,
-            names::POD_ADDRS,
-            names::LISTENERS,
-            names::FLOWS,
-            names::PROXY_CGROUPS,
-            names::COUNTERS,
-            names::POD_INDEX,
-        ]
-        .into_iter()
-        .map(|n| (n, pin_dir.join("maps").join(n)))
-        .collect();
+        let map_paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
+            .into_iter()
+            .map(|n| (n, pin_dir.join("maps").join(n)))
+            .collect();
         let mut loader = EbpfLoader::new();
         loader.verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS);
         for (name, path) in &map_paths {

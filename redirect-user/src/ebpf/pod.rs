@@ -395,6 +395,7 @@ pub(crate) fn enrol(
         .try_clone()
         .map_err(|e| step(uid, "hold namespace")(e.to_string()))?;
 
+    let started = std::time::Instant::now();
     // 1. Read the namespace.
     let info = netns
         .run(|| read_ns(options))
@@ -421,16 +422,19 @@ pub(crate) fn enrol(
         record.ifaces[i][..name.len()].copy_from_slice(name.as_bytes());
     }
 
+    let t_read = started.elapsed();
     // 2. Maps, then 3. the sk_lookup link, then 4. the namespace: each undone on failure.
     if let Err(e) = write_maps(maps, uid, &record, &info, sockets) {
         remove_maps(maps, uid, &record);
         return Err(e);
     }
+    let t_maps = started.elapsed();
     let link_path = pin_dir.join("links").join(uid);
     if let Err(e) = attach_sk_lookup(ebpf, netns, &link_path) {
         remove_maps(maps, uid, &record);
         return Err(step(uid, "attach sk_lookup")(e));
     }
+    let t_link = started.elapsed();
     let applied = netns
         .run(|| apply_in_ns(ebpf, &mut record, &info, uid))
         .map_err(|source| EnrolError::Netns {
@@ -448,7 +452,24 @@ pub(crate) fn enrol(
     if let Err(e) = maps.pod_index.insert(uid_key(uid), record, 0) {
         warn!(uid, error = %e, "redirect: cannot update the pod index");
     }
-    info!(uid, id, netns_cookie = info.cookie, addrs = ?info.addrs, dns_capture = options.dns_capture, "redirect: pod enrolled");
+    let us = |d: std::time::Duration| d.as_micros() as u64;
+    info!(
+        uid,
+        id,
+        netns_cookie = info.cookie,
+        addrs = ?info.addrs,
+        dns_capture = options.dns_capture,
+        elapsed_us = us(started.elapsed()),
+        "redirect: pod enrolled"
+    );
+    debug!(
+        uid,
+        read_us = us(t_read),
+        maps_us = us(t_maps - t_read),
+        link_us = us(t_link - t_maps),
+        netns_us = us(started.elapsed() - t_link),
+        "redirect: enrolment steps"
+    );
     pods.insert(
         uid.into(),
         PodState {
