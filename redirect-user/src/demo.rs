@@ -128,12 +128,9 @@ pub async fn run() -> Result<()> {
             let t = std::time::Instant::now();
             match ask(from, to, "hello") {
                 Ok(answer) => {
+                    // Each proxy reports a connection before it connects onwards, so
+                    // every event of this exchange is in before the answer.
                     let mut path = Vec::new();
-                    while let Ok(ev) = rx.try_recv() {
-                        path.push(format!("{}:{} (local {})", ev.pod, ev.listener, ev.local));
-                    }
-                    // Events may trail the answer by a moment.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
                     while let Ok(ev) = rx.try_recv() {
                         path.push(format!("{}:{} (local {})", ev.pod, ev.listener, ev.local));
                     }

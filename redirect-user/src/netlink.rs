@@ -172,9 +172,9 @@ impl Netlink {
         Ok(out)
     }
 
-    fn rule(family: AddressFamily, mark: u32, mask: u32, pref: u32, table: u32) -> RuleMessage {
+    fn rule(v6: bool, mark: u32, mask: u32, pref: u32, table: u32) -> RuleMessage {
         let mut m = RuleMessage::default();
-        m.header.family = family;
+        m.header.family = family(v6);
         m.header.action = RuleAction::ToTable;
         m.header.table = table as u8;
         m.attributes.push(RuleAttribute::FwMark(mark));
@@ -193,12 +193,7 @@ impl Netlink {
         pref: u32,
         table: u32,
     ) -> Result<bool, NetlinkError> {
-        let fam = if v6 {
-            AddressFamily::Inet6
-        } else {
-            AddressFamily::Inet
-        };
-        let msg = RouteNetlinkMessage::NewRule(Self::rule(fam, mark, mask, pref, table));
+        let msg = RouteNetlinkMessage::NewRule(Self::rule(v6, mark, mask, pref, table));
         ignore_exists(self.request("add rule", msg, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL))
     }
 
@@ -211,22 +206,13 @@ impl Netlink {
         pref: u32,
         table: u32,
     ) -> Result<bool, NetlinkError> {
-        let fam = if v6 {
-            AddressFamily::Inet6
-        } else {
-            AddressFamily::Inet
-        };
-        let msg = RouteNetlinkMessage::DelRule(Self::rule(fam, mark, mask, pref, table));
+        let msg = RouteNetlinkMessage::DelRule(Self::rule(v6, mark, mask, pref, table));
         ignore_missing(self.request("delete rule", msg, NLM_F_ACK))
     }
 
     fn local_default(v6: bool, lo_index: u32, table: u32) -> RouteMessage {
         let mut m = RouteMessage::default();
-        m.header.address_family = if v6 {
-            AddressFamily::Inet6
-        } else {
-            AddressFamily::Inet
-        };
+        m.header.address_family = family(v6);
         m.header.destination_prefix_length = 0;
         m.header.table = table as u8;
         m.header.protocol = RouteProtocol::Boot;
@@ -280,6 +266,14 @@ impl Netlink {
         m.attributes.push(TcAttribute::Kind("clsact".into()));
         let msg = RouteNetlinkMessage::DelQueueDiscipline(m);
         ignore_missing(self.request("delete clsact qdisc", msg, NLM_F_ACK))
+    }
+}
+
+fn family(v6: bool) -> AddressFamily {
+    if v6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
     }
 }
 

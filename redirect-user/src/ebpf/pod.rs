@@ -178,47 +178,24 @@ struct NsInfo {
 
 fn netns_cookie_here() -> std::io::Result<u64> {
     let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)?;
-    getsockopt_u64(s.as_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE)
+    getsockopt::<u64>(s.as_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE)
 }
 
-fn getsockopt_u64(
+/// `getsockopt` of a plain value (an int, a u64).
+fn getsockopt<T: Default>(
     fd: BorrowedFd<'_>,
     level: libc::c_int,
     opt: libc::c_int,
-) -> std::io::Result<u64> {
-    let mut v: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: v and len describe a valid buffer.
+) -> std::io::Result<T> {
+    let mut v = T::default();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: v and len describe a valid buffer of T.
     let r = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
             level,
             opt,
-            &mut v as *mut u64 as *mut _,
-            &mut len,
-        )
-    };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(v)
-    }
-}
-
-fn getsockopt_int(
-    fd: BorrowedFd<'_>,
-    level: libc::c_int,
-    opt: libc::c_int,
-) -> std::io::Result<i32> {
-    let mut v: i32 = 0;
-    let mut len = size_of::<i32>() as libc::socklen_t;
-    // SAFETY: v and len describe a valid buffer.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            opt,
-            &mut v as *mut i32 as *mut _,
+            &mut v as *mut T as *mut _,
             &mut len,
         )
     };
@@ -536,7 +513,7 @@ pub(crate) fn set_sockets(
             detail,
         };
         let Some(fd) = fd else { continue };
-        let ty = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)
+        let ty = getsockopt::<i32>(fd, libc::SOL_SOCKET, libc::SO_TYPE)
             .map_err(|e| bad(format!("not a socket: {e}")))?;
         let want = if proto == IPPROTO_TCP {
             libc::SOCK_STREAM
@@ -547,11 +524,11 @@ pub(crate) fn set_sockets(
             return Err(bad(format!("socket type {ty}, expected {want}")));
         }
         if proto == IPPROTO_TCP
-            && getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).unwrap_or(0) != 1
+            && getsockopt::<i32>(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).unwrap_or(0) != 1
         {
             return Err(bad("not listening".into()));
         }
-        let ns = getsockopt_u64(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE)
+        let ns = getsockopt::<u64>(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE)
             .map_err(|e| bad(e.to_string()))?;
         if ns != netns {
             return Err(bad("the socket belongs to another network namespace".into()));

@@ -111,6 +111,16 @@ fn bind_udp(port: u16) -> io::Result<std::net::UdpSocket> {
     Ok(s.into())
 }
 
+/// Lets the socket use an address that is not local (the original destination of a
+/// steered connection, or a client's address).
+fn set_transparent(s: &Socket, v6: bool) -> io::Result<()> {
+    if v6 {
+        s.set_ip_transparent_v6(true)
+    } else {
+        s.set_ip_transparent_v4(true)
+    }
+}
+
 fn set_int(s: &Socket, level: i32, opt: i32, v: i32) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: a valid int option buffer.
@@ -159,11 +169,7 @@ pub fn outbound_socket(
             s.set_mark(PROXY_MARK)?;
             s.set_tcp_nodelay(true)?;
             if let Some(src) = source {
-                if dest.is_ipv6() {
-                    s.set_ip_transparent_v6(true)?;
-                } else {
-                    s.set_ip_transparent_v4(true)?;
-                }
+                set_transparent(&s, dest.is_ipv6())?;
                 s.set_reuse_address(true)?;
                 s.bind(&src.into())?;
             }
@@ -192,11 +198,7 @@ pub fn udp_socket(
             s.set_mark(PROXY_MARK)?;
             match source {
                 Some(src) => {
-                    if family_of.is_ipv6() {
-                        s.set_ip_transparent_v6(true)?;
-                    } else {
-                        s.set_ip_transparent_v4(true)?;
-                    }
+                    set_transparent(&s, family_of.is_ipv6())?;
                     s.set_reuse_address(true)?;
                     s.set_reuse_port(true)?;
                     s.bind(&src.into())?;
