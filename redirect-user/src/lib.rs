@@ -12,3 +12,4 @@ pub mod netns;
 pub mod probe;
 pub mod proxy;
 pub mod topology;
+pub mod zds;

@@ -1,0 +1,6 @@
+//! The node-agent protocol (zds.md): messages, their checked encoding, and the
+//! lifecycle state machines of both sides.
+
+pub mod codec;
+pub mod proto;
+pub mod proxy_state;
