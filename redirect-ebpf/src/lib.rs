@@ -161,6 +161,7 @@ pub struct FlowVal {
 /// Field names are what `bpftool map dump` and `redirect-user status` show.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct PodCounters {
     /// New connections steered to the outbound listener (15001).
     pub redirected_15001: u64,

@@ -5,6 +5,8 @@
 //! - [`netlink`]: links, addresses, rules and routes inside a namespace.
 //! - [`proxy`]: the proxy's sockets in a pod and a plain TCP relay.
 
+pub mod agent;
+pub mod cli;
 pub mod demo;
 pub mod ebpf;
 pub mod netlink;

@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use redirect_user::cli;
 
 #[derive(Parser)]
 #[command(
@@ -16,6 +17,37 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Node agent and proxy in one process (the DaemonSet default).
+    Run {
+        #[command(flatten)]
+        agent: cli::AgentArgs,
+        /// Open the DNS listeners (15053) in every pod.
+        #[arg(long)]
+        dns: bool,
+    },
+    /// The node agent alone: serves the node-agent protocol socket for any proxy.
+    NodeAgent {
+        #[command(flatten)]
+        agent: cli::AgentArgs,
+    },
+    /// The proxy alone: connects to a node agent's socket.
+    Proxy {
+        #[command(flatten)]
+        proxy: cli::ProxyArgs,
+    },
+    /// Local control of a running agent's pods.
+    Pod {
+        #[command(subcommand)]
+        cmd: cli::PodCommand,
+    },
+    /// Enrolled pods, proxies and per-pod counters of a running agent.
+    Status {
+        #[command(flatten)]
+        control: cli::ControlArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Build pods in namespaces, enrol them, send real traffic, clean up.
     Demo,
     /// Connect from inside a network namespace, send a line, print the line that comes
@@ -33,6 +65,14 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
+        Command::Run { agent, dns } => {
+            let socket = agent.socket.clone();
+            rt.block_on(cli::run(agent, cli::ProxyArgs { socket, dns }))
+        }
+        Command::NodeAgent { agent } => rt.block_on(cli::node_agent(agent)),
+        Command::Proxy { proxy } => rt.block_on(cli::proxy(proxy)),
+        Command::Pod { cmd } => rt.block_on(cli::pod(cmd)),
+        Command::Status { control, json } => rt.block_on(cli::status(control, json)),
         Command::Demo => rt.block_on(redirect_user::demo::run()),
         Command::Probe(args) => redirect_user::probe::run(&args),
     }

@@ -3,4 +3,6 @@
 
 pub mod codec;
 pub mod proto;
+pub mod proxy;
 pub mod proxy_state;
+pub mod wire;

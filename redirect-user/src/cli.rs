@@ -1,0 +1,266 @@
+//! The commands of `redirect-user`. `main.rs` only parses and dispatches.
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use tracing::info;
+
+use crate::{
+    agent::{
+        Agent, PodSpec,
+        control::{self, ControlRequest},
+    },
+    ebpf::{DEFAULT_PIN_DIR, Engine, EngineConfig, ProxyIdentity},
+    zds::proxy::{InpodProxy, ProxyConfig},
+};
+
+pub const DEFAULT_SOCKET: &str = "/var/run/ztunnel/ztunnel.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/run/redirect";
+
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// The node-agent protocol socket the proxy connects to.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Where the agent keeps its pod list and its control socket.
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// The bpffs directory holding the engine's pinned state.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProxyArgs {
+    /// The node-agent protocol socket to connect to.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Open the DNS listeners (15053, UDP and TCP) in every pod.
+    #[arg(long)]
+    pub dns: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ControlArgs {
+    /// The running agent's state directory (its control socket is there).
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PodCommand {
+    /// Enrol a pod: redirect it and hand it to the proxy.
+    Add {
+        /// The pod's network namespace (e.g. /var/run/netns/NAME or /proc/PID/ns/net).
+        #[arg(long)]
+        netns: PathBuf,
+        #[arg(long)]
+        uid: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        /// Capture DNS (port 53) to the proxy's 15053 sockets.
+        #[arg(long)]
+        dns_capture: bool,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Un-enrol a pod.
+    Del {
+        #[arg(long)]
+        uid: String,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// List the agent's pods.
+    List {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+}
+
+/// `run`: the node agent and the proxy in one process (the DaemonSet default).
+pub async fn run(agent: AgentArgs, proxy: ProxyArgs) -> Result<()> {
+    let engine = Arc::new(open_engine(&agent.pin_dir, ProxyIdentity::OwnCgroup)?);
+    let a = Agent::new(engine, &agent.state_dir)?;
+    let proxy_cfg = ProxyConfig {
+        socket: agent.socket.clone(),
+        dns: proxy.dns,
+        events: None,
+    };
+    let control_sock = agent.state_dir.join("control.sock");
+    tokio::select! {
+        r = a.serve(&agent.socket) => r.map_err(Into::into),
+        r = control::serve(a.clone(), &control_sock) => r.context("control socket"),
+        () = InpodProxy::new(proxy_cfg).run() => Ok(()),
+        () = shutdown() => Ok(()),
+    }
+}
+
+/// `node-agent`: the agent alone; any proxy speaking the protocol may connect.
+pub async fn node_agent(agent: AgentArgs) -> Result<()> {
+    // Connected proxies' cgroups are trusted as they connect.
+    let engine = Arc::new(open_engine(
+        &agent.pin_dir,
+        ProxyIdentity::Cgroups(Vec::new()),
+    )?);
+    let a = Agent::new(engine, &agent.state_dir)?;
+    let control_sock = agent.state_dir.join("control.sock");
+    tokio::select! {
+        r = a.serve(&agent.socket) => r.map_err(Into::into),
+        r = control::serve(a.clone(), &control_sock) => r.context("control socket"),
+        () = shutdown() => Ok(()),
+    }
+}
+
+/// `proxy`: the proxy alone, driven by any node agent speaking the protocol.
+pub async fn proxy(args: ProxyArgs) -> Result<()> {
+    let cfg = ProxyConfig {
+        socket: args.socket,
+        dns: args.dns,
+        events: None,
+    };
+    tokio::select! {
+        () = InpodProxy::new(cfg).run() => Ok(()),
+        () = shutdown() => Ok(()),
+    }
+}
+
+fn open_engine(pin_dir: &std::path::Path, proxy_identity: ProxyIdentity) -> Result<Engine> {
+    let cfg = EngineConfig {
+        pin_dir: pin_dir.into(),
+        proxy_identity,
+        ..EngineConfig::default()
+    };
+    Engine::open(cfg).context("starting the redirection engine")
+}
+
+/// SIGTERM or SIGINT. The pods stay redirected (and refuse connections) after exit.
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    info!("shutting down; enrolled pods stay redirected");
+}
+
+pub async fn pod(cmd: PodCommand) -> Result<()> {
+    match cmd {
+        PodCommand::Add {
+            netns,
+            uid,
+            name,
+            namespace,
+            service_account,
+            dns_capture,
+            control,
+        } => {
+            let pod = PodSpec {
+                uid,
+                name,
+                namespace,
+                service_account,
+                netns,
+                dns_capture,
+            };
+            let r = control::request(
+                &control.state_dir.join("control.sock"),
+                &ControlRequest::Add { pod },
+            )
+            .await?;
+            if !r.ok {
+                bail!("{}", r.error.unwrap_or_default());
+            }
+            println!("{}", serde_json::to_string(&r.state)?);
+            Ok(())
+        }
+        PodCommand::Del { uid, control } => {
+            let r = control::request(
+                &control.state_dir.join("control.sock"),
+                &ControlRequest::Del { uid },
+            )
+            .await?;
+            if !r.ok {
+                bail!("{}", r.error.unwrap_or_default());
+            }
+            Ok(())
+        }
+        PodCommand::List { control } => {
+            let r = control::request(
+                &control.state_dir.join("control.sock"),
+                &ControlRequest::List,
+            )
+            .await?;
+            for p in r.pods.unwrap_or_default() {
+                let s = &p.status;
+                println!(
+                    "{}\t{}/{}\t{}\t{}",
+                    s.spec.uid,
+                    s.spec.namespace,
+                    s.spec.name,
+                    serde_json::to_string(&s.state)?,
+                    s.spec.netns.display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+pub async fn status(control: ControlArgs, json: bool) -> Result<()> {
+    let r = control::request(
+        &control.state_dir.join("control.sock"),
+        &ControlRequest::Status,
+    )
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "pinned state: {}",
+        r.pin_dir
+            .as_deref()
+            .unwrap_or(std::path::Path::new("?"))
+            .display()
+    );
+    println!(
+        "proxies connected (pids): {:?}",
+        r.proxies.unwrap_or_default()
+    );
+    for p in r.pods.unwrap_or_default() {
+        let s = &p.status;
+        println!(
+            "pod {} ({}/{}) state={} id={} interfaces={} sockets={}",
+            s.spec.uid,
+            s.spec.namespace,
+            s.spec.name,
+            serde_json::to_string(&s.state)?,
+            p.id.map(|i| i.to_string()).unwrap_or("-".into()),
+            p.interfaces.join(","),
+            p.sockets.join(","),
+        );
+        if let Some(c) = p.counters {
+            println!(
+                "    redirected 15001={} 15006={} 15008={} 15053={}  bypassed probe={} loopback={} proxy={}  dropped no_listener={} spoofed={} error={}",
+                c.redirected_15001,
+                c.redirected_15006,
+                c.redirected_15008,
+                c.redirected_15053,
+                c.bypassed_probe,
+                c.bypassed_loopback,
+                c.bypassed_proxy,
+                c.dropped_no_listener,
+                c.dropped_spoofed,
+                c.dropped_error
+            );
+        }
+    }
+    Ok(())
+}

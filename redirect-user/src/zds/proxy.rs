@@ -1,0 +1,222 @@
+//! The proxy side of the node-agent protocol: connects to the agent's socket, receives
+//! pod namespaces, opens each pod's listeners there and serves them (the bare relay for
+//! now), following [`ProxyState`]'s decisions. Reconnects with exponential backoff; pod
+//! proxies keep running while the agent is away; failed pods are retried.
+
+use std::{collections::HashMap, path::PathBuf, time::Duration};
+
+use redirect_ebpf::PROXY_MARK;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_seqpacket::UnixSeqpacket;
+use tracing::{info, warn};
+
+use super::{
+    codec::{self, Request},
+    proto::WorkloadInfo,
+    proxy_state::{AddPlan, NetnsId, ProxyState},
+    wire,
+};
+use crate::{
+    netns::Netns,
+    proxy::{
+        PodListeners,
+        relay::{AcceptEvent, Relay},
+    },
+};
+
+const BACKOFF_START: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+const RETRY_EVERY: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// The agent's socket (default /var/run/ztunnel/ztunnel.sock).
+    pub socket: PathBuf,
+    /// Open the DNS listeners (15053) in every pod.
+    pub dns: bool,
+    /// Where accepted connections are reported (tests, demo).
+    pub events: Option<UnboundedSender<AcceptEvent>>,
+}
+
+/// One running pod proxy.
+struct PodProxy {
+    netns: Netns,
+    relay: Relay,
+}
+
+/// A pod whose listeners could not start yet.
+struct Pending {
+    netns: Netns,
+    info: WorkloadInfo,
+}
+
+pub struct InpodProxy {
+    cfg: ProxyConfig,
+    state: ProxyState,
+    running: HashMap<String, PodProxy>,
+    pending: HashMap<String, Pending>,
+}
+
+impl InpodProxy {
+    pub fn new(cfg: ProxyConfig) -> Self {
+        info!(inpod_enabled = true, "inpod_enabled: true");
+        info!("inpod_uds: {}", cfg.socket.display());
+        info!("inpod_port_reuse: true");
+        info!("inpod_mark: {PROXY_MARK}");
+        Self {
+            cfg,
+            state: ProxyState::new(),
+            running: HashMap::new(),
+            pending: HashMap::new(),
+        }
+    }
+
+    /// Ready: a snapshot arrived and no pod is pending.
+    pub fn ready(&self) -> bool {
+        self.state.ready()
+    }
+
+    /// Runs until the task is dropped: connect, serve, reconnect.
+    pub async fn run(mut self) {
+        let mut backoff = BACKOFF_START;
+        loop {
+            match UnixSeqpacket::connect(&self.cfg.socket).await {
+                Ok(sock) => {
+                    backoff = BACKOFF_START;
+                    info!(socket = %self.cfg.socket.display(), "handling new stream");
+                    if let Err(e) = self.serve(&sock).await {
+                        warn!(error = %e, "inpod: connection to the node agent ended");
+                    }
+                    self.state.disconnected();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, ?backoff, "inpod: node agent not reachable");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn serve(&mut self, sock: &UnixSeqpacket) -> std::io::Result<()> {
+        self.state.connected();
+        wire::send(sock, &codec::encode_hello(), None).await?;
+        let mut retry = tokio::time::interval(RETRY_EVERY);
+        loop {
+            tokio::select! {
+                got = wire::recv(sock) => {
+                    let Some(dg) = got? else { return Ok(()) };
+                    let answer = self.handle(dg).await;
+                    if let Err(reason) = &answer {
+                        warn!(reason, "inpod: negative ack");
+                    }
+                    wire::send(sock, &codec::encode_response(&answer), None).await?;
+                }
+                _ = retry.tick() => self.retry_pending().await,
+            }
+        }
+    }
+
+    /// One message in, one answer out.
+    async fn handle(&mut self, dg: wire::Datagram) -> codec::Response {
+        if dg.truncated {
+            return Err(format!("message over {} bytes", codec::MAX_MESSAGE));
+        }
+        let nfds = dg.fds.len();
+        let req = Request::decode(&dg.bytes, nfds).map_err(|e| e.to_string())?;
+        match req {
+            Request::Add { uid, info } => {
+                let fd = dg.fds.into_iter().next().expect("checked: one fd");
+                let netns = Netns::from_fd(fd).map_err(|e| format!("add {uid}: {e}"))?;
+                self.add(uid, info, netns).await
+            }
+            Request::Keep { uid } => self.state.on_keep(&uid).map_err(|e| e.to_string()),
+            Request::Del { uid } => {
+                info!("pod WorkloadUid({uid:?}) delete request, draining proxy");
+                self.state.on_del(&uid);
+                self.pending.remove(&uid);
+                match self.running.remove(&uid) {
+                    Some(p) => p.relay.stop().await,
+                    None => warn!(uid, "inpod: delete of a pod this proxy does not serve"),
+                }
+                Ok(())
+            }
+            Request::SnapshotSent => {
+                info!("pod received snapshot sent");
+                let drain = self.state.on_snapshot_sent().map_err(|e| e.to_string())?;
+                for uid in drain {
+                    info!(uid, "inpod: draining a pod the snapshot did not name");
+                    self.pending.remove(&uid);
+                    if let Some(p) = self.running.remove(&uid) {
+                        p.relay.stop().await;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn add(&mut self, uid: String, info: WorkloadInfo, netns: Netns) -> codec::Response {
+        let id: NetnsId = (netns.dev(), netns.ino());
+        match self.state.on_add(&uid, id).map_err(|e| e.to_string())? {
+            AddPlan::AlreadyRunning => return Ok(()),
+            AddPlan::Replace => {
+                if let Some(old) = self.running.remove(&uid) {
+                    info!(
+                        uid,
+                        "inpod: new namespace for a served pod, replacing its proxy"
+                    );
+                    old.relay.stop().await;
+                }
+            }
+            AddPlan::Start => {}
+        }
+        info!("pod WorkloadUid({uid:?}) received netns, starting proxy");
+        self.start(uid, info, netns)
+    }
+
+    fn start(&mut self, uid: String, info: WorkloadInfo, netns: Netns) -> codec::Response {
+        let id = (netns.dev(), netns.ino());
+        let started = PodListeners::open(&netns, self.cfg.dns)
+            .map_err(|e| e.to_string())
+            .and_then(|l| {
+                let ns = netns.try_clone().map_err(|e| e.to_string())?;
+                Relay::start(&uid, ns, l, self.cfg.events.clone()).map_err(|e| e.to_string())
+            });
+        match started {
+            Ok(relay) => {
+                self.pending.remove(&uid);
+                self.state.started(&uid, id, info);
+                self.running.insert(uid, PodProxy { netns, relay });
+                Ok(())
+            }
+            Err(reason) => {
+                let reason = format!("pod {uid}: cannot start its listeners: {reason}");
+                self.state.failed(&uid, id, info.clone(), reason.clone());
+                self.pending.insert(uid, Pending { netns, info });
+                Err(reason)
+            }
+        }
+    }
+
+    async fn retry_pending(&mut self) {
+        let uids: Vec<String> = self.pending.keys().cloned().collect();
+        for uid in uids {
+            let Some(p) = self.pending.remove(&uid) else {
+                continue;
+            };
+            match self.start(uid.clone(), p.info, p.netns) {
+                Ok(()) => info!(uid, "inpod: pod proxy started on retry"),
+                Err(e) => tracing::debug!(uid, error = e, "inpod: retry failed"),
+            }
+        }
+    }
+
+    /// The namespaces of the pods served now (uid → namespace id).
+    pub fn served(&self) -> Vec<(String, NetnsId)> {
+        self.running
+            .iter()
+            .map(|(u, p)| (u.clone(), (p.netns.dev(), p.netns.ino())))
+            .collect()
+    }
+}
