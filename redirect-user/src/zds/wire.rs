@@ -68,6 +68,5 @@ pub async fn recv(sock: &UnixSeqpacket) -> io::Result<Option<Datagram>> {
 pub fn peer_pid(sock: &UnixSeqpacket) -> io::Result<i32> {
     sock.peer_cred()?
         .pid()
-        .map(|p| p)
         .ok_or_else(|| io::Error::other("no peer pid"))
 }
