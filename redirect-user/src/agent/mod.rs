@@ -425,19 +425,22 @@ impl Agent {
                 source,
             })?;
         info!(socket = %path.display(), "agent: serving the node-agent protocol");
-        let reconcile = tokio::spawn(self.clone().reconcile_loop());
-        let _stop_reconcile = AbortOnDrop(reconcile);
+        // Everything this serves stops with it: the reconciler and every connection.
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(self.clone().reconcile_loop());
         loop {
-            let sock = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "agent: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+            let sock = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(error = %e, "agent: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                Some(_) = tasks.join_next() => continue,
             };
-            let agent = self.clone();
-            tokio::spawn(async move { agent.connection(sock).await });
+            tasks.spawn(self.clone().connection(sock));
         }
     }
 
@@ -559,13 +562,5 @@ async fn conn_io(sock: UnixSeqpacket, mut rx: mpsc::Receiver<ConnRequest>, pid: 
                 return;
             }
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
