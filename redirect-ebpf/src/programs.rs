@@ -74,6 +74,7 @@ static IN_HELPER_LOOKUP: PerCpuArray<u32, 1> = PerCpuArray::new();
 // ---------------------------------------------------------------------------------
 
 const TCP_LISTEN: u32 = 10;
+const BPF_SK_LOOKUP_F_NO_REUSEPORT: u64 = 2;
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -222,7 +223,10 @@ pub fn redirect_lookup(ctx: SkLookupContext) -> u32 {
             );
             return SK_DROP;
         }
-        let err = h::bpf_sk_assign(ctx.lookup as *mut c_void, sk, 0);
+        // Exactly the socket in the map: without NO_REUSEPORT the kernel would pick
+        // within its SO_REUSEPORT group, which during an upgrade holds the old proxy's
+        // socket too.
+        let err = h::bpf_sk_assign(ctx.lookup as *mut c_void, sk, BPF_SK_LOOKUP_F_NO_REUSEPORT);
         h::bpf_sk_release(sk);
         if err != 0 {
             count(flow.pod, |c| c.dropped_no_listener += 1);

@@ -39,6 +39,10 @@ pub struct ProxyArgs {
     /// Open the DNS listeners (15053, UDP and TCP) in every pod.
     #[arg(long)]
     pub dns: bool,
+    /// On SIGTERM, go on serving this long (a newer proxy takes the pods meanwhile and
+    /// connections in flight finish), then exit.
+    #[arg(long, default_value_t = 5)]
+    pub drain_secs: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -93,11 +97,14 @@ pub async fn run(agent: AgentArgs, proxy: ProxyArgs) -> Result<()> {
         events: None,
     };
     let control_sock = agent.state_dir.join("control.sock");
+    let proxy_task = tokio::spawn(InpodProxy::new(proxy_cfg).run());
     tokio::select! {
         r = a.serve(&agent.socket) => r.map_err(Into::into),
         r = control::serve(a.clone(), &control_sock) => r.context("control socket"),
-        () = InpodProxy::new(proxy_cfg).run() => Ok(()),
-        () = shutdown() => Ok(()),
+        () = drain_on_shutdown(proxy.drain_secs) => {
+            proxy_task.abort();
+            Ok(())
+        }
     }
 }
 
@@ -124,10 +131,21 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
         dns: args.dns,
         events: None,
     };
-    tokio::select! {
-        () = InpodProxy::new(cfg).run() => Ok(()),
-        () = shutdown() => Ok(()),
-    }
+    let task = tokio::spawn(InpodProxy::new(cfg).run());
+    drain_on_shutdown(args.drain_secs).await;
+    task.abort();
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT, then for the drain period, while everything else in
+/// the process goes on serving.
+async fn drain_on_shutdown(secs: u64) {
+    shutdown().await;
+    info!(
+        drain_secs = secs,
+        "draining: serving on until the drain period ends"
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
 }
 
 fn open_engine(pin_dir: &std::path::Path, proxy_identity: ProxyIdentity) -> Result<Engine> {

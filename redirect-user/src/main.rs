@@ -24,6 +24,9 @@ enum Command {
         /// Open the DNS listeners (15053) in every pod.
         #[arg(long)]
         dns: bool,
+        /// On SIGTERM, go on serving this long, then exit.
+        #[arg(long, default_value_t = 5)]
+        drain_secs: u64,
     },
     /// The node agent alone: serves the node-agent protocol socket for any proxy.
     NodeAgent {
@@ -65,9 +68,20 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
-        Command::Run { agent, dns } => {
+        Command::Run {
+            agent,
+            dns,
+            drain_secs,
+        } => {
             let socket = agent.socket.clone();
-            rt.block_on(cli::run(agent, cli::ProxyArgs { socket, dns }))
+            rt.block_on(cli::run(
+                agent,
+                cli::ProxyArgs {
+                    socket,
+                    dns,
+                    drain_secs,
+                },
+            ))
         }
         Command::NodeAgent { agent } => rt.block_on(cli::node_agent(agent)),
         Command::Proxy { proxy } => rt.block_on(cli::proxy(proxy)),
