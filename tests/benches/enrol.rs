@@ -6,113 +6,12 @@
 //! Output: a table on stdout, `target/bench/enrol.md` and `target/bench/enrol.json`.
 
 use std::{
-    io::Write,
-    os::{
-        fd::{AsFd, AsRawFd},
-        unix::process::CommandExt,
-    },
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
-use redirect_ebpf::{MARK_MASK, RETURN_MARK, ROUTE_TABLE, RULE_PREF};
+use anyhow::Result;
 use redirect_tests::*;
-use redirect_user::netlink::Netlink;
-
-/// The rule set the engine replaces (inpod-rules.md), IPv4 form.
-const RULES_V4: &str = "*mangle
-:ISTIO_PRERT - [0:0]
-:ISTIO_OUTPUT - [0:0]
--A PREROUTING -j ISTIO_PRERT
--A OUTPUT -j ISTIO_OUTPUT
--A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
--A ISTIO_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
-COMMIT
-*nat
-:ISTIO_PRERT - [0:0]
-:ISTIO_OUTPUT - [0:0]
--A PREROUTING -j ISTIO_PRERT
--A OUTPUT -j ISTIO_OUTPUT
--A ISTIO_PRERT -s 169.254.7.127 -p tcp -m tcp -j ACCEPT
--A ISTIO_OUTPUT -d 169.254.7.127 -p tcp -m tcp -j ACCEPT
--A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006
--A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
-COMMIT
-";
-
-fn rules_v6() -> String {
-    RULES_V4
-        .replace("169.254.7.127", "fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
-        .replace("127.0.0.1/32", "::1/128")
-}
-
-/// Runs `prog` inside the namespace (entered between fork and exec), feeding `input`.
-fn restore_in(ns: &Netns, prog: &str, input: &str) -> Result<()> {
-    let fd = ns.as_fd().as_raw_fd();
-    let mut cmd = Command::new(prog);
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    // SAFETY: setns is async-signal-safe; the fd stays open in the child.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().with_context(|| format!("running {prog}"))?;
-    child.stdin.take().unwrap().write_all(input.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("{prog}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
-/// What the netfilter design does to enrol one pod.
-fn iptables_enrol(ns: &Netns, v6_rules: &str) -> Result<()> {
-    restore_in(ns, "iptables-restore", RULES_V4)?;
-    restore_in(ns, "ip6tables-restore", v6_rules)?;
-    ns.run(|| -> Result<()> {
-        let mut nl = Netlink::open()?;
-        let lo = nl
-            .links()?
-            .into_iter()
-            .find(|l| l.loopback)
-            .context("no lo")?
-            .index;
-        for v6 in [false, true] {
-            nl.add_rule(v6, RETURN_MARK, MARK_MASK, RULE_PREF, ROUTE_TABLE)?;
-            nl.add_local_default(v6, lo, ROUTE_TABLE)?;
-        }
-        Ok(())
-    })?
-}
-
-fn iptables_unenrol(ns: &Netns) -> Result<()> {
-    for prog in ["iptables-restore", "ip6tables-restore"] {
-        restore_in(ns, prog, "*mangle\nCOMMIT\n*nat\nCOMMIT\n")?;
-    }
-    ns.run(|| -> Result<()> {
-        let mut nl = Netlink::open()?;
-        let lo = nl
-            .links()?
-            .into_iter()
-            .find(|l| l.loopback)
-            .context("no lo")?
-            .index;
-        for v6 in [false, true] {
-            nl.del_rule(v6, RETURN_MARK, MARK_MASK, RULE_PREF, ROUTE_TABLE)?;
-            nl.del_local_default(v6, lo, ROUTE_TABLE)?;
-        }
-        Ok(())
-    })?
-}
 
 fn settle(pods: usize) -> Duration {
     Duration::from_millis(200 + 4 * pods as u64)
@@ -177,17 +76,17 @@ fn measure(pods: usize) -> Result<Row> {
     }
     drop(listeners);
 
-    let v6 = rules_v6();
+    let v6 = netfilter::rules_v6();
     let mut ipt = Vec::with_capacity(pods);
     let all = Instant::now();
     for ns in &nss {
         let t = Instant::now();
-        iptables_enrol(ns, &v6)?;
+        netfilter::enrol(ns, &v6)?;
         ipt.push(t.elapsed());
     }
     let ipt_total = all.elapsed();
     for ns in &nss {
-        iptables_unenrol(ns)?;
+        netfilter::unenrol(ns)?;
     }
     drop(engine);
     let _ = std::fs::remove_dir_all(&pin);

@@ -407,3 +407,118 @@ pub fn redirect_user_bin() -> Result<PathBuf> {
     }
     Ok(bin)
 }
+
+/// The netfilter design this project replaces: the in-pod rule set of inpod-rules.md,
+/// applied as the node agent it comes from does (iptables-restore inside the pod's
+/// namespace, the return-routing rule and routes over netlink). For side-by-side runs.
+pub mod netfilter {
+    use std::{
+        io::Write,
+        os::{
+            fd::{AsFd, AsRawFd},
+            unix::process::CommandExt,
+        },
+        process::{Command, Stdio},
+    };
+
+    use anyhow::{Context, Result, bail};
+    use redirect_ebpf::{MARK_MASK, RETURN_MARK, ROUTE_TABLE, RULE_PREF};
+    use redirect_user::netlink::Netlink;
+
+    use super::Netns;
+
+    /// The rule set the engine replaces (inpod-rules.md), IPv4 form.
+    pub const RULES_V4: &str = concat!(
+        "*mangle\n",
+        ":ISTIO_PRERT - [0:0]\n",
+        ":ISTIO_OUTPUT - [0:0]\n",
+        "-A PREROUTING -j ISTIO_PRERT\n",
+        "-A OUTPUT -j ISTIO_OUTPUT\n",
+        "-A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff\n",
+        "-A ISTIO_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff\n",
+        "COMMIT\n",
+        "*nat\n",
+        ":ISTIO_PRERT - [0:0]\n",
+        ":ISTIO_OUTPUT - [0:0]\n",
+        "-A PREROUTING -j ISTIO_PRERT\n",
+        "-A OUTPUT -j ISTIO_OUTPUT\n",
+        "-A ISTIO_PRERT -s 169.254.7.127 -p tcp -m tcp -j ACCEPT\n",
+        "-A ISTIO_OUTPUT -d 169.254.7.127 -p tcp -m tcp -j ACCEPT\n",
+        "-A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006\n",
+        "-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT\n",
+        "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT\n",
+        "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001\n",
+        "COMMIT\n",
+    );
+
+    pub fn rules_v6() -> String {
+        RULES_V4
+            .replace("169.254.7.127", "fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
+            .replace("127.0.0.1/32", "::1/128")
+    }
+
+    /// Runs `prog` inside the namespace (entered between fork and exec), feeding `input`.
+    pub fn restore_in(ns: &Netns, prog: &str, input: &str) -> Result<()> {
+        let fd = ns.as_fd().as_raw_fd();
+        let mut cmd = Command::new(prog);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: setns is async-signal-safe; the fd stays open in the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().with_context(|| format!("running {prog}"))?;
+        child.stdin.take().unwrap().write_all(input.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("{prog}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// What the netfilter design does to enrol one pod.
+    pub fn enrol(ns: &Netns, v6_rules: &str) -> Result<()> {
+        restore_in(ns, "iptables-restore", RULES_V4)?;
+        restore_in(ns, "ip6tables-restore", v6_rules)?;
+        ns.run(|| -> Result<()> {
+            let mut nl = Netlink::open()?;
+            let lo = nl
+                .links()?
+                .into_iter()
+                .find(|l| l.loopback)
+                .context("no lo")?
+                .index;
+            for v6 in [false, true] {
+                nl.add_rule(v6, RETURN_MARK, MARK_MASK, RULE_PREF, ROUTE_TABLE)?;
+                nl.add_local_default(v6, lo, ROUTE_TABLE)?;
+            }
+            Ok(())
+        })?
+    }
+
+    pub fn unenrol(ns: &Netns) -> Result<()> {
+        for prog in ["iptables-restore", "ip6tables-restore"] {
+            restore_in(ns, prog, "*mangle\nCOMMIT\n*nat\nCOMMIT\n")?;
+        }
+        ns.run(|| -> Result<()> {
+            let mut nl = Netlink::open()?;
+            let lo = nl
+                .links()?
+                .into_iter()
+                .find(|l| l.loopback)
+                .context("no lo")?
+                .index;
+            for v6 in [false, true] {
+                nl.del_rule(v6, RETURN_MARK, MARK_MASK, RULE_PREF, ROUTE_TABLE)?;
+                nl.del_local_default(v6, lo, ROUTE_TABLE)?;
+            }
+            Ok(())
+        })?
+    }
+}

@@ -79,7 +79,6 @@ fn run(cli: Cli) -> Result<()> {
         }
         Task::Bench { quick } => {
             setup::all()?;
-            setup::bench_tools()?;
             build_ebpf(true)?;
             let mut a = vec!["bench", "-p", "redirect-tests", "--bench", "enrol", "--"];
             if quick {

@@ -45,11 +45,6 @@ fn have(bin: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// What the benchmarks add: the netfilter tools they compare with.
-pub fn bench_tools() -> Result<()> {
-    apt_install(&[("iptables-restore", "iptables")])
-}
-
 fn apt() -> Result<()> {
     apt_install(APT_PACKAGES)
 }

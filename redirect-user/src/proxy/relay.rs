@@ -118,7 +118,16 @@ async fn accept_loop(ctx: Arc<Ctx>, port: u16, l: TcpListener) {
         let Ok(local) = stream.local_addr() else {
             continue;
         };
-        let (local, peer) = (unmap(local), unmap(peer));
+        let (local, peer) = (
+            original_destination(&stream, unmap(local), port),
+            unmap(peer),
+        );
+        if local.port() == port && matches!(port, PORT_OUTBOUND | PORT_INBOUND | PORT_DNS) {
+            // A redirected connection whose destination is unknown: relaying it would
+            // connect the proxy to itself. Refuse it (fail closed).
+            warn!(pod = ctx.pod, port, %local, %peer, "relay: original destination unknown, connection refused");
+            continue;
+        }
         ctx.event(port, false, local, peer);
         let ctx = ctx.clone();
         tokio::spawn(async move {
@@ -127,6 +136,25 @@ async fn accept_loop(ctx: Arc<Ctx>, port: u16, l: TcpListener) {
             }
         });
     }
+}
+
+/// Where the connection was going. Steered by the engine, that is the accepted socket's
+/// local address; redirected by netfilter rules (REDIRECT to the listener's own port),
+/// conntrack knows it (SO_ORIGINAL_DST).
+fn original_destination(stream: &TcpStream, local: SocketAddr, port: u16) -> SocketAddr {
+    use nix::sys::socket::{getsockopt, sockopt};
+    if local.port() != port {
+        return local;
+    }
+    if let Ok(a) = getsockopt(stream, sockopt::OriginalDst) {
+        let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+        return SocketAddr::new(ip.into(), u16::from_be(a.sin_port));
+    }
+    if let Ok(a) = getsockopt(stream, sockopt::Ip6tOriginalDst) {
+        let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+        return unmap(SocketAddr::new(ip.into(), u16::from_be(a.sin6_port)));
+    }
+    local
 }
 
 async fn serve(
