@@ -5,6 +5,7 @@
 use std::{
     os::fd::{AsFd, OwnedFd},
     path::PathBuf,
+    process::Command,
     sync::Arc,
     time::Duration,
 };
@@ -514,4 +515,81 @@ fn our_proxy_answers_bad_input_and_keeps_serving() {
         assert!(!found.complete() && found.outbound.is_none(), "{found:?}");
         proxy.abort();
     });
+}
+
+#[test]
+fn a_namespace_deleted_while_enrolled_harms_no_other_pod() {
+    let mut n = Node::new("nsdel", &[("a", 10), ("b", 11), ("c", 100)]);
+    n.start_proxy();
+    n.wait(|| !n.agent().proxies().is_empty());
+    assert_eq!(n.add("a"), PodState::Ready);
+    assert_eq!(n.add("b"), PodState::Ready);
+    // Pod a's namespace is deleted under the agent (its name goes; the agent and the
+    // proxy still hold it open).
+    let a_name = n.topo.host("a").name.clone();
+    assert!(
+        Command::new("ip")
+            .args(["netns", "del", &a_name])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(n.ask_out("b", "c").unwrap().starts_with("c from "));
+    // The agent restarts: pod a cannot be opened by its path any more and is let go
+    // (un-enrolled); pod b is taken back.
+    n.stop_agent();
+    n.start_agent();
+    let pods: Vec<String> = n.agent().list().into_iter().map(|p| p.spec.uid).collect();
+    assert_eq!(pods, vec!["uid-b".to_string()]);
+    assert_eq!(n.agent().engine().pods().len(), 1);
+    n.wait(|| n.state("b") == Some(PodState::Ready));
+    assert!(n.ask_out("b", "c").unwrap().starts_with("c from "));
+}
+
+#[test]
+fn the_control_socket_answers_garbage_with_errors() {
+    use std::io::{BufRead, BufReader, Write};
+    let n = Node::new("ctl", &[("a", 10), ("c", 100)]);
+    let path = n.dir.join("control.sock");
+    let agent = n.agent().clone();
+    let p = path.clone();
+    let _srv =
+        n.rt.spawn(async move { redirect_user::agent::control::serve(agent, &p).await });
+    n.wait(|| path.exists());
+    let s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut roundtrip = |line: &str| -> serde_json::Value {
+        writeln!(w, "{line}").unwrap();
+        let mut out = String::new();
+        r.read_line(&mut out).unwrap();
+        serde_json::from_str(&out).unwrap()
+    };
+    for bad in [
+        "not json",
+        "{\"op\":\"launch\"}",
+        "{\"op\":\"add\"}",
+        "{\"op\":\"del\",\"uid\":\"nobody\"}",
+    ] {
+        let v = roundtrip(bad);
+        assert_eq!(v["ok"], false, "{bad}: {v}");
+        assert!(
+            v["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{bad}: {v}"
+        );
+    }
+    let missing = serde_json::json!({"op": "add", "pod": {"uid": "x", "name": "x", "namespace": "d",
+        "service_account": "s", "netns": "/var/run/netns/does-not-exist"}});
+    let v = roundtrip(&missing.to_string());
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("does-not-exist"),
+        "{v}"
+    );
+    // Still serving, nothing enrolled by the bad requests.
+    let v = roundtrip("{\"op\":\"list\"}");
+    assert_eq!(
+        (v["ok"].clone(), v["pods"].as_array().map(|a| a.len())),
+        (serde_json::json!(true), Some(0))
+    );
 }
