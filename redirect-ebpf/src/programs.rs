@@ -260,6 +260,42 @@ struct Packet {
     tcp_flags: u8,
 }
 
+/// Walks IPv6 extension headers (hop-by-hop, routing, fragment, destination options,
+/// authentication) to the upper-layer header, as ip6tables' `-p tcp` does: an app that
+/// adds extension headers to its packets must not escape the redirection. Returns the
+/// upper-layer protocol and its offset; a non-first fragment has no ports and is
+/// reported as protocol 44.
+#[inline(always)]
+fn skip_ipv6_extensions(ctx: &TcContext) -> Option<(u8, usize)> {
+    let mut next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
+    let mut off = ETH_HLEN + 40;
+    for _ in 0..6 {
+        match next {
+            0 | 43 | 60 => {
+                let h: [u8; 2] = ctx.load(off).ok()?;
+                next = h[0];
+                off += (h[1] as usize + 1) * 8;
+            }
+            51 => {
+                let h: [u8; 2] = ctx.load(off).ok()?;
+                next = h[0];
+                off += (h[1] as usize + 2) * 4;
+            }
+            44 => {
+                let h: [u8; 4] = ctx.load(off).ok()?;
+                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                    return Some((44, off));
+                }
+                next = h[0];
+                off += 8;
+            }
+            _ => return Some((next, off)),
+        }
+    }
+    // Too many extension headers to walk: treat it as what it claims last.
+    Some((next, off))
+}
+
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<Packet> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
@@ -291,10 +327,10 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
             )
         }
         ETH_P_IPV6 => {
-            let next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
             let src: [u32; 4] = ctx.load(ETH_HLEN + 8).ok()?;
             let dst: [u32; 4] = ctx.load(ETH_HLEN + 24).ok()?;
-            (AF_INET6, next as u32, src, dst, ETH_HLEN + 40)
+            let (next, l4) = skip_ipv6_extensions(ctx)?;
+            (AF_INET6, next as u32, src, dst, l4)
         }
         _ => return None,
     };

@@ -556,3 +556,47 @@ fn run(args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn row3_ipv6_extension_headers_do_not_escape() {
+    let m = mesh("r3x");
+    m.enrol("a", PodOptions::default()).unwrap();
+    let to = m.addr("c", true, PEER_PORT);
+    // An app socket whose every packet carries a destination-options header
+    // (PadN, 8 bytes) before TCP.
+    let s = m
+        .ns("a")
+        .run(|| -> std::io::Result<TcpStream> {
+            use std::os::fd::AsRawFd;
+            let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+            let opts: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+            // SAFETY: a valid option buffer.
+            let r = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_DSTOPTS,
+                    opts.as_ptr().cast(),
+                    8,
+                )
+            };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            s.connect_timeout(&to.into(), Duration::from_secs(3))?;
+            Ok(s.into())
+        })
+        .unwrap()
+        .unwrap();
+    let mut s = BufReader::new(s);
+    writeln!(s.get_mut(), "hello").unwrap();
+    let mut answer = String::new();
+    s.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    s.read_line(&mut answer).unwrap();
+    assert!(answer.starts_with("c from "), "{answer}");
+    let ev = m.events();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!((ev[0].listener, ev[0].local), (15001, to));
+}

@@ -59,7 +59,7 @@ pub struct InpodProxy {
 
 impl InpodProxy {
     pub fn new(cfg: ProxyConfig) -> Self {
-        info!(inpod_enabled = true, "inpod_enabled: true");
+        info!("inpod_enabled: true");
         info!("inpod_uds: {}", cfg.socket.display());
         info!("inpod_port_reuse: true");
         info!("inpod_mark: {PROXY_MARK}");
