@@ -80,11 +80,18 @@ fn run(cli: Cli) -> Result<()> {
         Task::Bench { quick } => {
             setup::all()?;
             build_ebpf(true)?;
-            let mut a = vec!["bench", "-p", "redirect-tests", "--bench", "enrol", "--"];
-            if quick {
-                a.push("--quick");
+            for bench in ["enrol", "mesh"] {
+                let mut a = vec!["bench", "-p", "redirect-tests", "--bench", bench, "--"];
+                if quick {
+                    a.push("--quick");
+                }
+                cargo(&a)?;
             }
-            cargo(&a)
+            println!(
+                "xtask: results in {}",
+                workspace_root().join("target/bench").display()
+            );
+            Ok(())
         }
         Task::Test { args } => {
             setup::all()?;

@@ -171,6 +171,11 @@ pub fn outbound_socket(
             if let Some(src) = source {
                 set_transparent(&s, dest.is_ipv6())?;
                 s.set_reuse_address(true)?;
+                // The port is chosen at connect() by 4-tuple; a bind-time choice scans the
+                // pod's bound ports, slow (ms) once thousands sit in TIME_WAIT.
+                if src.port() == 0 {
+                    set_int(&s, libc::SOL_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
+                }
                 s.bind(&src.into())?;
             }
             s.set_nonblocking(true)?;
