@@ -283,13 +283,16 @@ fn table(rows: &[Figures]) -> String {
     s
 }
 
+/// A chart's title and the value it shows per mode.
+type Chart = (&'static str, fn(&Figures) -> f64);
+
 /// A bar chart of the connection rate (highest concurrency) and throughput per mode.
 fn svg(rows: &[Figures]) -> String {
     let (w, h, bar) = (640.0, 300.0, 40.0);
     let mut out = format!(
         "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n"
     );
-    let charts: [(&str, fn(&Figures) -> f64); 2] = [
+    let charts: [Chart; 2] = [
         ("new connections/s", |r| {
             r.conn_per_s.last().map(|v| v.1).unwrap_or(0.0)
         }),
@@ -297,7 +300,7 @@ fn svg(rows: &[Figures]) -> String {
     ];
     for (i, (title, value)) in charts.iter().enumerate() {
         let x0 = 20.0 + i as f64 * (w / 2.0);
-        let max = rows.iter().map(|r| value(r)).fold(0.0, f64::max).max(1e-9);
+        let max = rows.iter().map(value).fold(0.0, f64::max).max(1e-9);
         out.push_str(&format!("<text x='{x0}' y='20'>{title}</text>\n"));
         for (j, r) in rows.iter().enumerate() {
             let v = value(r);
