@@ -336,19 +336,18 @@ fn main() -> Result<()> {
             bulk_bytes: 4 << 30,
         }
     };
-    let m = Mesh::new("rmesh", &[("a", 10), ("b", 11)])?;
+    let mut m = Mesh::new("rmesh", &[("a", 10), ("b", 11)])?;
     for p in ["a", "b"] {
         tune_for_load(&m.ns(p))?;
     }
     let (ns_a, b_ip) = (Arc::new(m.ns("a")), m.host("b").addr(false));
-    let rt = &m.rt;
     {
-        let _g = rt.enter();
+        let _g = m.rt.enter();
         start_servers(&m.ns("b"), b_ip)?;
     }
     let mut rows = Vec::new();
 
-    rows.push(rt.block_on(measure("direct", ns_a.clone(), b_ip, &plan))?);
+    rows.push(m.rt.block_on(measure("direct", ns_a.clone(), b_ip, &plan))?);
 
     // ebpf first: the netfilter run leaves conntrack and nat hooks registered in the
     // pods (emptied tables stay), which would weigh on whatever runs after it.
@@ -356,7 +355,27 @@ fn main() -> Result<()> {
     for p in ["a", "b"] {
         m.enrol(p, PodOptions::default())?;
     }
-    rows.push(rt.block_on(measure("ebpf", ns_a.clone(), b_ip, &plan))?);
+    rows.push(m.rt.block_on(measure("ebpf", ns_a.clone(), b_ip, &plan))?);
+    if !quick {
+        // The per-packet path is a few hash lookups: it must not grow with the pods.
+        let extra: Vec<String> = (0..500).map(|i| format!("x{i}")).collect();
+        for (i, name) in extra.iter().enumerate() {
+            m.topo.add_host(name, 1000 + i as u16)?;
+        }
+        std::thread::sleep(Duration::from_secs(3));
+        for name in &extra {
+            let ns = m.ns(name);
+            m.engine
+                .enrol(name, &ns, &PodOptions::default(), &Default::default())?;
+        }
+        let mut f =
+            m.rt.block_on(measure("ebpf, 500 more pods", ns_a.clone(), b_ip, &plan))?;
+        f.mode = "ebpf +500 pods".into();
+        rows.push(f);
+        for name in &extra {
+            m.engine.unenrol(name)?;
+        }
+    }
     for p in ["a", "b"] {
         m.unenrol(p)?;
     }
@@ -367,12 +386,12 @@ fn main() -> Result<()> {
     for p in ["a", "b"] {
         netfilter::enrol(&m.ns(p), &v6)?;
         let l = PodListeners::open(&m.ns(p), false)?;
-        let _g = rt.enter();
+        let _g = m.rt.enter();
         relays.push(Relay::start(p, m.ns(p), l, None)?);
     }
-    rows.push(rt.block_on(measure("iptables", ns_a.clone(), b_ip, &plan))?);
+    rows.push(m.rt.block_on(measure("iptables", ns_a.clone(), b_ip, &plan))?);
     for r in relays.drain(..) {
-        rt.block_on(r.stop());
+        m.rt.block_on(r.stop());
     }
     for p in ["a", "b"] {
         netfilter::unenrol(&m.ns(p))?;

@@ -593,3 +593,35 @@ fn the_control_socket_answers_garbage_with_errors() {
         (serde_json::json!(true), Some(0))
     );
 }
+
+#[test]
+fn a_pod_added_during_a_snapshot_reaches_that_proxy() {
+    let n = Node::new("race", &[("a", 10), ("c", 100)]);
+    let sock = n.socket();
+    // A proxy connects; its snapshot (empty) is still open when the pod is added.
+    let p = n.rt.block_on(async {
+        let p = fake_proxy(&sock).await;
+        let (req, _) = expect_request(&p).await;
+        assert_eq!(req, Request::SnapshotSent);
+        p
+    });
+    assert_eq!(n.add("a"), PodState::WaitingForProxy);
+    n.rt.block_on(async {
+        wire::send(&p, &codec::encode_response(&Ok(())), None)
+            .await
+            .unwrap();
+        // Now the proxy is the newest, and gets the pod.
+        let (req, fds) = expect_request(&p).await;
+        assert!(
+            matches!(&req, Request::Add { uid, .. } if uid == "uid-a"),
+            "{req:?}"
+        );
+        assert_eq!(fds.len(), 1);
+        wire::send(&p, &codec::encode_response(&Ok(())), None)
+            .await
+            .unwrap();
+    });
+    // Acked, but this proxy opened no listeners: the agent keeps looking, the pod stays refused.
+    n.wait(|| n.state("a") == Some(PodState::FindingListeners));
+    assert!(n.ask_out("a", "c").is_err());
+}

@@ -481,6 +481,10 @@ impl Agent {
             other => warn!(pid, result = ?other, "agent: snapshot not acknowledged"),
         }
         self.inner.conns.lock().unwrap().push(conn.clone());
+        // Pods added while this snapshot was under way went to no proxy: hand them over.
+        for uid in self.uids_in(|s| *s == PodState::WaitingForProxy) {
+            self.hand_to(&conn, &uid).await;
+        }
         let _ = io.await;
         self.inner.conns.lock().unwrap().retain(|c| c.id != conn.id);
         info!(
@@ -504,20 +508,12 @@ impl Agent {
             let Some(newest) = self.inner.conns.lock().unwrap().last().cloned() else {
                 continue;
             };
-            let todo: Vec<String> = self
-                .inner
-                .pods
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(_, p)| {
-                    matches!(
-                        p.state,
-                        PodState::FindingListeners | PodState::ProxyRefused(_)
-                    )
-                })
-                .map(|(u, _)| u.clone())
-                .collect();
+            // Never delivered (a race with a connection's snapshot, a lost answer): again.
+            for uid in self.uids_in(|s| *s == PodState::WaitingForProxy) {
+                self.hand_to(&newest, &uid).await;
+            }
+            let todo = self
+                .uids_in(|s| matches!(s, PodState::FindingListeners | PodState::ProxyRefused(_)));
             for uid in todo {
                 let state = self.install_listeners(&uid, newest.pid);
                 if state == PodState::Ready {
@@ -525,6 +521,14 @@ impl Agent {
                 }
             }
         }
+    }
+
+    fn uids_in(&self, state: impl Fn(&PodState) -> bool) -> Vec<String> {
+        let pods = self.inner.pods.lock().unwrap();
+        pods.iter()
+            .filter(|(_, p)| state(&p.state))
+            .map(|(u, _)| u.clone())
+            .collect()
     }
 }
 
