@@ -83,6 +83,10 @@ fn upstream_proxy_under_our_agent() {
         .into_owned();
     let dir = PathBuf::from(format!("/tmp/{base}-zt"));
     std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = (
+        RemoveDir(dir.clone()),
+        RemoveDir(PathBuf::from(format!("/sys/fs/bpf/{base}-zt"))),
+    );
     let d = dir.to_str().unwrap().to_string();
     let sock = format!("{d}/zds.sock");
     let pin = format!("/sys/fs/bpf/{base}-zt");
@@ -161,6 +165,13 @@ fn upstream_proxy_under_our_agent() {
     assert!(ask(&m.ns("a"), out).unwrap().starts_with("c from "));
 
     cli(&["pod", "del", "--state-dir", &d, "--uid", "uid-a"]).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_dir_all(&pin);
+}
+
+/// Removed when dropped, on failure too.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
