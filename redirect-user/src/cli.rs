@@ -168,6 +168,15 @@ async fn shutdown() {
     info!("shutting down; enrolled pods stay redirected");
 }
 
+/// One request to the running agent; its refusal becomes an error.
+async fn call(control: &ControlArgs, req: &ControlRequest) -> Result<control::ControlResponse> {
+    let r = control::request(&control.state_dir.join("control.sock"), req).await?;
+    if !r.ok {
+        bail!("{}", r.error.unwrap_or_default());
+    }
+    Ok(r)
+}
+
 pub async fn pod(cmd: PodCommand) -> Result<()> {
     match cmd {
         PodCommand::Add {
@@ -187,34 +196,16 @@ pub async fn pod(cmd: PodCommand) -> Result<()> {
                 netns,
                 dns_capture,
             };
-            let r = control::request(
-                &control.state_dir.join("control.sock"),
-                &ControlRequest::Add { pod },
-            )
-            .await?;
-            if !r.ok {
-                bail!("{}", r.error.unwrap_or_default());
-            }
+            let r = call(&control, &ControlRequest::Add { pod }).await?;
             println!("{}", serde_json::to_string(&r.state)?);
             Ok(())
         }
         PodCommand::Del { uid, control } => {
-            let r = control::request(
-                &control.state_dir.join("control.sock"),
-                &ControlRequest::Del { uid },
-            )
-            .await?;
-            if !r.ok {
-                bail!("{}", r.error.unwrap_or_default());
-            }
+            call(&control, &ControlRequest::Del { uid }).await?;
             Ok(())
         }
         PodCommand::List { control } => {
-            let r = control::request(
-                &control.state_dir.join("control.sock"),
-                &ControlRequest::List,
-            )
-            .await?;
+            let r = call(&control, &ControlRequest::List).await?;
             for p in r.pods.unwrap_or_default() {
                 let s = &p.status;
                 println!(
@@ -232,11 +223,7 @@ pub async fn pod(cmd: PodCommand) -> Result<()> {
 }
 
 pub async fn status(control: ControlArgs, json: bool) -> Result<()> {
-    let r = control::request(
-        &control.state_dir.join("control.sock"),
-        &ControlRequest::Status,
-    )
-    .await?;
+    let r = call(&control, &ControlRequest::Status).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());

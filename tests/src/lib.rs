@@ -486,26 +486,18 @@ pub mod netfilter {
     pub fn enrol(ns: &Netns, v6_rules: &str) -> Result<()> {
         restore_in(ns, "iptables-restore", RULES_V4)?;
         restore_in(ns, "ip6tables-restore", v6_rules)?;
-        ns.run(|| -> Result<()> {
-            let mut nl = Netlink::open()?;
-            let lo = nl
-                .links()?
-                .into_iter()
-                .find(|l| l.loopback)
-                .context("no lo")?
-                .index;
-            for v6 in [false, true] {
-                nl.add_rule(v6, RETURN_MARK, MARK_MASK, RULE_PREF, ROUTE_TABLE)?;
-                nl.add_local_default(v6, lo, ROUTE_TABLE)?;
-            }
-            Ok(())
-        })?
+        return_routing(ns, true)
     }
 
     pub fn unenrol(ns: &Netns) -> Result<()> {
         for prog in ["iptables-restore", "ip6tables-restore"] {
             restore_in(ns, prog, "*mangle\nCOMMIT\n*nat\nCOMMIT\n")?;
         }
+        return_routing(ns, false)
+    }
+
+    /// The return-routing rule and routes of inpod-rules.md, added or removed.
+    fn return_routing(ns: &Netns, add: bool) -> Result<()> {
         ns.run(|| -> Result<()> {
             let mut nl = Netlink::open()?;
             let lo = nl
@@ -515,10 +507,96 @@ pub mod netfilter {
                 .context("no lo")?
                 .index;
             for v6 in [false, true] {
-                nl.del_rule(v6, RETURN_MARK, MARK_MASK, RULE_PREF, ROUTE_TABLE)?;
-                nl.del_local_default(v6, lo, ROUTE_TABLE)?;
+                if add {
+                    nl.add_rule(v6, RETURN_MARK, MARK_MASK, RULE_PREF, ROUTE_TABLE)?;
+                    nl.add_local_default(v6, lo, ROUTE_TABLE)?;
+                } else {
+                    nl.del_rule(v6, RETURN_MARK, MARK_MASK, RULE_PREF, ROUTE_TABLE)?;
+                    nl.del_local_default(v6, lo, ROUTE_TABLE)?;
+                }
             }
             Ok(())
         })?
+    }
+}
+
+/// Running `redirect-user` (and other programs) as separate processes, as users do.
+pub mod process {
+    use std::{
+        path::{Path, PathBuf},
+        process::{Child, Command, Stdio},
+        time::{Duration, Instant},
+    };
+
+    use super::redirect_user_bin;
+
+    /// A child process killed when dropped (on failure too).
+    pub struct Proc(pub Child);
+
+    impl Proc {
+        /// `redirect-user ARGS…`, its logs to `log`.
+        pub fn spawn(args: &[&str], log: &Path) -> Proc {
+            let out = std::fs::File::create(log).unwrap();
+            let child = Command::new(redirect_user_bin().unwrap())
+                .args(args)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(out)
+                .spawn()
+                .unwrap();
+            Proc(child)
+        }
+
+        pub fn pid(&self) -> i32 {
+            self.0.id() as i32
+        }
+
+        /// Sends `sig` and waits for the process to end.
+        pub fn signal(&mut self, sig: i32) {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(self.pid(), sig) };
+            let _ = self.0.wait();
+        }
+    }
+
+    impl Drop for Proc {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// `redirect-user ARGS…`: its stdout, or an error with its stderr.
+    pub fn cli(args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(redirect_user_bin()?).args(args).output()?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "{}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Polls `ok` for up to `secs` seconds; panics naming `what` if it never holds.
+    pub fn wait_for(what: &str, secs: u64, ok: impl Fn() -> bool) {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(secs) {
+            if ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{what}: not reached in {secs} s");
+    }
+
+    /// A directory removed when dropped, on failure too.
+    pub struct RemoveDir(pub PathBuf);
+
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }

@@ -5,32 +5,14 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Stdio},
+    time::Duration,
 };
 
-use redirect_tests::*;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn cli(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(redirect_user_bin()?).args(args).output()?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+use redirect_tests::{
+    process::{Proc, RemoveDir, cli, wait_for},
+    *,
+};
 
 fn pod_state(dir: &str) -> String {
     let out = cli(&["status", "--json", "--state-dir", dir]).unwrap_or_default();
@@ -39,17 +21,6 @@ fn pod_state(dir: &str) -> String {
         .as_str()
         .unwrap_or("")
         .to_string()
-}
-
-fn wait_for(what: &str, ok: impl Fn() -> bool) {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(15) {
-        if ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{what}: not reached in 15 s");
 }
 
 /// The upstream proxy in its in-pod mode, in namespace `ns`, on the agent's socket.
@@ -118,7 +89,7 @@ fn upstream_proxy_under_our_agent() {
             .spawn()
             .unwrap(),
     );
-    wait_for("agent socket", || Path::new(&sock).exists());
+    wait_for("agent socket", 15, || Path::new(&sock).exists());
     let node = m.topo.node().to_string();
     let zt = ztunnel(&bin, &node, &sock, &workloads, &dir.join("ztunnel.log"));
     let netns = m.host("a").path();
@@ -139,7 +110,7 @@ fn upstream_proxy_under_our_agent() {
         "sa",
     ])
     .unwrap();
-    wait_for("pod ready on the upstream proxy", || {
+    wait_for("pod ready on the upstream proxy", 15, || {
         pod_state(&d) == "ready"
     });
 
@@ -161,17 +132,8 @@ fn upstream_proxy_under_our_agent() {
     assert!(ask(&m.ns("a"), out).is_err());
     assert!(ask(&m.ns("c"), inb).is_err());
     let _zt = ztunnel(&bin, &node, &sock, &workloads, &dir.join("ztunnel2.log"));
-    wait_for("pod ready again", || pod_state(&d) == "ready");
+    wait_for("pod ready again", 15, || pod_state(&d) == "ready");
     assert!(ask(&m.ns("a"), out).unwrap().starts_with("c from "));
 
     cli(&["pod", "del", "--state-dir", &d, "--uid", "uid-a"]).unwrap();
-}
-
-/// Removed when dropped, on failure too.
-struct RemoveDir(PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

@@ -5,7 +5,6 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -13,65 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirect_tests::*;
-
-/// A child process killed when dropped (on failure too).
-struct Proc(Child);
-
-impl Proc {
-    fn spawn(args: &[&str], log: &Path) -> Proc {
-        let bin = redirect_user_bin().unwrap();
-        let out = std::fs::File::create(log).unwrap();
-        let child = Command::new(bin)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        Proc(child)
-    }
-
-    fn pid(&self) -> i32 {
-        self.0.id() as i32
-    }
-
-    fn signal(&mut self, sig: i32) {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.pid(), sig) };
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn cli(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(redirect_user_bin()?).args(args).output()?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn wait_for(what: &str, ok: impl Fn() -> bool) {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(10) {
-        if ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what}: not reached in 10 s");
-}
+use redirect_tests::{
+    process::{Proc, RemoveDir, cli, wait_for},
+    *,
+};
 
 /// The pid of the proxy serving `uid`, per `status --json`, once the pod is ready.
 fn ready_with(dir: &str, uid: &str) -> Option<i64> {
@@ -152,7 +96,7 @@ fn upgrade_and_agent_restart_under_a_connection_loop() {
     ];
 
     let mut agent = Proc::spawn(&agent_args, &dir.join("agent.log"));
-    wait_for("agent socket", || Path::new(&sock).exists());
+    wait_for("agent socket", 10, || Path::new(&sock).exists());
     let mut v1 = Proc::spawn(
         &["proxy", "--socket", &sock, "--drain-secs", "1"],
         &dir.join("proxy1.log"),
@@ -176,7 +120,7 @@ fn upgrade_and_agent_restart_under_a_connection_loop() {
     ]);
     // The proxy may connect just after the add: either way the pod becomes ready.
     assert!(add.is_ok(), "{add:?}");
-    wait_for("pod ready on proxy 1", || {
+    wait_for("pod ready on proxy 1", 10, || {
         ready_with(&d, "uid-a") == Some(v1.pid() as i64)
     });
     let to = m.addr("c", false, PEER_PORT);
@@ -189,7 +133,7 @@ fn upgrade_and_agent_restart_under_a_connection_loop() {
         &["proxy", "--socket", &sock, "--drain-secs", "1"],
         &dir.join("proxy2.log"),
     );
-    wait_for("pod ready on proxy 2", || {
+    wait_for("pod ready on proxy 2", 10, || {
         ready_with(&d, "uid-a") == Some(v2.pid() as i64)
     });
     // The old proxy drains (serves on for its drain period) and exits.
@@ -205,7 +149,7 @@ fn upgrade_and_agent_restart_under_a_connection_loop() {
     agent.signal(libc::SIGKILL);
     std::thread::sleep(Duration::from_millis(300));
     let _agent2 = Proc::spawn(&agent_args, &dir.join("agent2.log"));
-    wait_for("pod ready again after the agent restart", || {
+    wait_for("pod ready again after the agent restart", 10, || {
         ready_with(&d, "uid-a") == Some(v2.pid() as i64)
     });
     std::thread::sleep(Duration::from_millis(200));
@@ -227,12 +171,4 @@ fn upgrade_and_agent_restart_under_a_connection_loop() {
     }
     cli(&["pod", "del", "--state-dir", &d, "--uid", "uid-a"]).unwrap();
     assert!(!ip_out(&m.host("a").name, &["rule"]).contains("0x111"));
-}
-
-struct RemoveDir(PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
