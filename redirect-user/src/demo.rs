@@ -158,7 +158,17 @@ pub async fn run() -> Result<()> {
     );
     for pod in engine.pods() {
         let c = engine.counters(&pod.uid)?;
-        println!("   {}: {:?}", pod.uid, c);
+        println!(
+            "   {}: redirected 15001={} 15006={} 15008={}  bypassed loopback={} proxy={}  dropped no_listener={} spoofed={}",
+            pod.uid,
+            c.redirected_15001,
+            c.redirected_15006,
+            c.redirected_15008,
+            c.bypassed_loopback,
+            c.bypassed_proxy,
+            c.dropped_no_listener,
+            c.dropped_spoofed
+        );
     }
 
     println!(
