@@ -1,7 +1,8 @@
 //! The cost of redirection, side by side in one run over one topology (pods a and b on
 //! one node): `direct` (no mesh: the limit), `iptables` (the in-pod rule set of
 //! inpod-rules.md with its routes and marks) and `ebpf` (this engine), the last two in
-//! front of the same bare TCP relay as the pods' proxy. Run by `cargo xtask bench`.
+//! front of the same bare TCP relay as the pods' proxy; with `EXTERNAL_PROXY=<binary>`,
+//! also `external`: that proxy under our node agent and engine. Run by `cargo xtask bench`.
 //!
 //! Figures: new connections per second (one request per connection) at several
 //! concurrencies, request latency p50/p99/p99.9 over persistent connections, bulk
@@ -326,6 +327,116 @@ fn svg(rows: &[Figures]) -> String {
     out
 }
 
+/// Runs `bin` as the node's proxy under our node agent (in this process) and measures
+/// through it. The proxy is started in the node namespace with `INPOD_UDS` (the agent's
+/// socket) and `LOCAL_XDS_PATH` (a workload file naming pods a and b, in the upstream
+/// proxy's local format) set; anything else it needs comes from the environment
+/// (for upstream ztunnel: `PROXY_MODE=shared FAKE_CA=true XDS_ADDRESS=`).
+fn external(
+    m: &Mesh,
+    bin: &str,
+    ns_a: Arc<Netns>,
+    b: std::net::IpAddr,
+    plan: &Plan,
+) -> Result<Figures> {
+    use redirect_tests::process::RemoveDir;
+    use redirect_user::agent::{Agent, PodSpec, PodState};
+    let base = m
+        .pin_dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let dir = std::path::PathBuf::from(format!("/tmp/{base}-ext"));
+    let _cleanup = (
+        RemoveDir(dir.clone()),
+        RemoveDir(format!("/sys/fs/bpf/{base}-ext").into()),
+    );
+    std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("zds.sock");
+    let mut workloads = String::from("workloads:\n");
+    for p in ["a", "b"] {
+        workloads.push_str(&format!(
+            "- uid: ext-{p}\n  name: {p}\n  namespace: default\n  serviceAccount: sa-{p}\n  workloadIps: [\"{}\"]\n  protocol: HBONE\n  node: node1\n  network: \"\"\n  services: {{}}\n",
+            m.host(p).v4
+        ));
+    }
+    std::fs::write(dir.join("workloads.yaml"), workloads)?;
+    let engine = Arc::new(Engine::open(EngineConfig {
+        proxy_identity: redirect_user::ebpf::ProxyIdentity::Cgroups(Vec::new()),
+        ..EngineConfig::at(format!("/sys/fs/bpf/{base}-ext"))
+    })?);
+    let agent = Agent::new(engine, &dir)?;
+    let serve = {
+        let (a, s) = (agent.clone(), sock.clone());
+        m.rt.spawn(async move {
+            let _ = a.serve(&s).await;
+        })
+    };
+    let log = std::fs::File::create(dir.join("proxy.log"))?;
+    let mut proxy = redirect_tests::process::Proc(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", m.topo.node(), bin])
+            .env("INPOD_UDS", &sock)
+            .env("LOCAL_XDS_PATH", dir.join("workloads.yaml"))
+            .env("NODE_NAME", "node1")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?,
+    );
+    let result = (|| -> Result<Figures> {
+        let t = Instant::now();
+        while agent.proxies().is_empty() {
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(20),
+                "{bin} did not connect to the node agent"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for p in ["a", "b"] {
+            let spec = PodSpec {
+                uid: format!("ext-{p}"),
+                name: p.into(),
+                namespace: "default".into(),
+                service_account: format!("sa-{p}"),
+                netns: m.host(p).path().into(),
+                dns_capture: false,
+            };
+            let mut state = m.rt.block_on(agent.add_pod(spec))?;
+            let t = Instant::now();
+            while state != PodState::Ready {
+                anyhow::ensure!(
+                    t.elapsed() < Duration::from_secs(20),
+                    "pod {p} not ready on {bin}: {state:?}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+                state = agent
+                    .list()
+                    .into_iter()
+                    .find(|s| s.spec.name == p)
+                    .map(|s| s.state)
+                    .unwrap_or(state);
+            }
+        }
+        let mut f = m.rt.block_on(measure("external", ns_a, b, plan))?;
+        f.mode = format!(
+            "external ({})",
+            std::path::Path::new(bin)
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+        );
+        Ok(f)
+    })();
+    for p in ["a", "b"] {
+        let _ = m.rt.block_on(agent.del_pod(&format!("ext-{p}")));
+    }
+    let _ = proxy.0.kill();
+    serve.abort();
+    result
+}
+
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let plan = if quick {
@@ -406,9 +517,14 @@ fn main() -> Result<()> {
         netfilter::unenrol(&m.ns(p))?;
     }
 
+    // external: a proxy binary the user built, under our agent and engine.
+    if let Ok(bin) = std::env::var("EXTERNAL_PROXY") {
+        rows.push(external(&m, &bin, ns_a.clone(), b_ip, &plan)?);
+    }
+
     let md = table(&rows);
     let header = format!(
-        "Redirection alone: pods a -> b on one node, IPv4, bare TCP relay as the proxy, {} s per rate point{}.\n\n",
+        "Redirection alone: pods a -> b on one node, IPv4, the bare TCP relay as the proxy of ebpf and iptables (external: the given proxy under our agent and engine), {} s per rate point{}.\n\n",
         plan.seconds,
         if quick { " (--quick)" } else { "" }
     );
