@@ -3,9 +3,11 @@
 //! for as long as a closure runs.
 
 use std::{
+    cell::{Cell, RefCell},
     fs::File,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
+    rc::Rc,
 };
 
 use nix::sched::{CloneFlags, setns};
@@ -108,7 +110,7 @@ impl Netns {
     /// to the namespace it was in. Sockets created by `f` stay in this namespace.
     /// Keep `f` short and non-blocking: it holds the thread.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
-        let home = Netns::current()?;
+        let home = home_of_this_thread()?;
         if self.same_as(&home) {
             return Ok(f());
         }
@@ -118,47 +120,59 @@ impl Netns {
             source,
         })?;
         // Goes home even if `f` panics, so the thread never stays in the pod.
-        let guard = GoHome(Some(home));
+        let guard = GoHome::enter(home);
         let out = f();
         guard.go()?;
         Ok(out)
     }
-
-    /// Runs `f` on a new thread that lives in this namespace, for work that is long or
-    /// that may panic; the calling thread never changes namespace.
-    pub fn run_on_thread<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                setns(&self.fd, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
-                    dev: self.dev,
-                    ino: self.ino,
-                    source,
-                })?;
-                Ok(f())
-            })
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
-    }
 }
 
-struct GoHome(Option<Netns>);
+thread_local! {
+    /// The namespace this thread is in outside `run`, opened once per thread: the proxy
+    /// runs a `run` for every connection it opens, and this saves an open and an fstat.
+    static HOME: RefCell<Option<Rc<Netns>>> = const { RefCell::new(None) };
+    /// How many `run` calls this thread is inside.
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Where `run` must bring the thread back to: its usual namespace, or (inside another
+/// `run`) wherever it is now.
+fn home_of_this_thread() -> Result<Rc<Netns>, NetnsError> {
+    if DEPTH.with(Cell::get) > 0 {
+        return Ok(Rc::new(Netns::current()?));
+    }
+    if let Some(h) = HOME.with(|h| h.borrow().clone()) {
+        return Ok(h);
+    }
+    let h = Rc::new(Netns::current()?);
+    HOME.with(|c| *c.borrow_mut() = Some(h.clone()));
+    Ok(h)
+}
+
+struct GoHome(Option<Rc<Netns>>);
 
 impl GoHome {
+    fn enter(home: Rc<Netns>) -> Self {
+        DEPTH.with(|d| d.set(d.get() + 1));
+        GoHome(Some(home))
+    }
+
     fn go(mut self) -> Result<(), NetnsError> {
         let home = self.0.take().expect("home namespace");
+        DEPTH.with(|d| d.set(d.get() - 1));
         setns(&home.fd, CloneFlags::CLONE_NEWNET).map_err(NetnsError::Return)
     }
 }
 
 impl Drop for GoHome {
     fn drop(&mut self) {
-        if let Some(home) = self.0.take()
-            && let Err(e) = setns(&home.fd, CloneFlags::CLONE_NEWNET)
-        {
-            // A thread stuck in a pod namespace would act there for others: stop.
-            eprintln!("fatal: cannot return a thread to its network namespace: {e}");
-            std::process::abort();
+        if let Some(home) = self.0.take() {
+            DEPTH.with(|d| d.set(d.get() - 1));
+            if let Err(e) = setns(&home.fd, CloneFlags::CLONE_NEWNET) {
+                // A thread stuck in a pod namespace would act there for others: stop.
+                eprintln!("fatal: cannot return a thread to its network namespace: {e}");
+                std::process::abort();
+            }
         }
     }
 }
@@ -178,6 +192,18 @@ mod tests {
         let a = Netns::current().unwrap();
         let b = Netns::open("/proc/self/ns/net").unwrap();
         assert!(a.same_as(&b));
+    }
+
+    #[test]
+    fn run_returns_the_thread_home_nested_too() {
+        let home = Netns::current().unwrap();
+        // Entering our own namespace is the short path; nesting must come back out too.
+        let here = Netns::open("/proc/self/ns/net").unwrap();
+        let inner = here
+            .run(|| here.run(|| Netns::current().unwrap()).unwrap())
+            .unwrap();
+        assert!(inner.same_as(&home));
+        assert!(Netns::current().unwrap().same_as(&home));
     }
 
     #[test]

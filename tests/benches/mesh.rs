@@ -341,12 +341,7 @@ fn external(
 ) -> Result<Figures> {
     use redirect_tests::process::RemoveDir;
     use redirect_user::agent::{Agent, PodSpec, PodState};
-    let base = m
-        .pin_dir
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let base = m.base();
     let dir = std::path::PathBuf::from(format!("/tmp/{base}-ext"));
     let _cleanup = (
         RemoveDir(dir.clone()),

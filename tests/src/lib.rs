@@ -90,6 +90,15 @@ impl Mesh {
         self.topo.host(name)
     }
 
+    /// This mesh's unique name (its pin directory's), for more directories of its own.
+    pub fn base(&self) -> String {
+        self.pin_dir
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    }
+
     pub fn ns(&self, name: &str) -> Netns {
         self.host(name).netns().expect("namespace")
     }
@@ -577,6 +586,28 @@ pub mod process {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `redirect-user pod add` for a pod named `name` (uid `uid-<name>`, namespace
+    /// default, service account sa) in the namespace at `netns`.
+    pub fn pod_add(state_dir: &str, netns: &str, name: &str) -> anyhow::Result<String> {
+        let uid = format!("uid-{name}");
+        cli(&[
+            "pod",
+            "add",
+            "--state-dir",
+            state_dir,
+            "--netns",
+            netns,
+            "--uid",
+            &uid,
+            "--name",
+            name,
+            "--namespace",
+            "default",
+            "--service-account",
+            "sa",
+        ])
     }
 
     /// Polls `ok` for up to `secs` seconds; panics naming `what` if it never holds.

@@ -10,7 +10,7 @@ use std::{
 };
 
 use redirect_tests::{
-    process::{Proc, RemoveDir, cli, wait_for},
+    process::{Proc, RemoveDir, cli, pod_add, wait_for},
     *,
 };
 
@@ -46,12 +46,7 @@ fn upstream_proxy_under_our_agent() {
     let bin =
         std::env::var("ZTUNNEL_BIN").expect("ZTUNNEL_BIN: the path of an upstream ztunnel binary");
     let m = Mesh::new("zti", &[("a", 10), ("c", 100)]).unwrap();
-    let base = m
-        .pin_dir
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let base = m.base();
     let dir = PathBuf::from(format!("/tmp/{base}-zt"));
     std::fs::create_dir_all(&dir).unwrap();
     let _cleanup = (
@@ -93,23 +88,7 @@ fn upstream_proxy_under_our_agent() {
     let node = m.topo.node().to_string();
     let zt = ztunnel(&bin, &node, &sock, &workloads, &dir.join("ztunnel.log"));
     let netns = m.host("a").path();
-    cli(&[
-        "pod",
-        "add",
-        "--state-dir",
-        &d,
-        "--netns",
-        &netns,
-        "--uid",
-        "uid-a",
-        "--name",
-        "a",
-        "--namespace",
-        "default",
-        "--service-account",
-        "sa",
-    ])
-    .unwrap();
+    pod_add(&d, &netns, "a").unwrap();
     wait_for("pod ready on the upstream proxy", 15, || {
         pod_state(&d) == "ready"
     });

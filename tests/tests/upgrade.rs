@@ -13,7 +13,7 @@ use std::{
 };
 
 use redirect_tests::{
-    process::{Proc, RemoveDir, cli, wait_for},
+    process::{Proc, RemoveDir, cli, pod_add, wait_for},
     *,
 };
 
@@ -72,12 +72,7 @@ impl Loop {
 #[test]
 fn upgrade_and_agent_restart_under_a_connection_loop() {
     let m = Mesh::new("upg", &[("a", 10), ("c", 100)]).unwrap();
-    let base = m
-        .pin_dir
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let base = m.base();
     let dir = PathBuf::from(format!("/tmp/{base}-node"));
     std::fs::create_dir_all(&dir).unwrap();
     let _cleanup = RemoveDir(dir.clone());
@@ -102,22 +97,7 @@ fn upgrade_and_agent_restart_under_a_connection_loop() {
         &dir.join("proxy1.log"),
     );
     let netns = m.host("a").path();
-    let add = cli(&[
-        "pod",
-        "add",
-        "--state-dir",
-        &d,
-        "--netns",
-        &netns,
-        "--uid",
-        "uid-a",
-        "--name",
-        "a",
-        "--namespace",
-        "default",
-        "--service-account",
-        "sa",
-    ]);
+    let add = pod_add(&d, &netns, "a");
     // The proxy may connect just after the add: either way the pod becomes ready.
     assert!(add.is_ok(), "{add:?}");
     wait_for("pod ready on proxy 1", 10, || {

@@ -38,12 +38,6 @@ pub struct ProxyConfig {
     pub events: Option<UnboundedSender<AcceptEvent>>,
 }
 
-/// One running pod proxy.
-struct PodProxy {
-    netns: Netns,
-    relay: Relay,
-}
-
 /// A pod whose listeners could not start yet.
 struct Pending {
     netns: Netns,
@@ -53,7 +47,8 @@ struct Pending {
 pub struct InpodProxy {
     cfg: ProxyConfig,
     state: ProxyState,
-    running: HashMap<String, PodProxy>,
+    /// The relay of each pod served: it holds the pod's namespace and listeners.
+    running: HashMap<String, Relay>,
     pending: HashMap<String, Pending>,
 }
 
@@ -69,11 +64,6 @@ impl InpodProxy {
             running: HashMap::new(),
             pending: HashMap::new(),
         }
-    }
-
-    /// Ready: a snapshot arrived and no pod is pending.
-    pub fn ready(&self) -> bool {
-        self.state.ready()
     }
 
     /// Runs until the task is dropped: connect, serve, reconnect.
@@ -136,7 +126,7 @@ impl InpodProxy {
                 self.state.on_del(&uid);
                 self.pending.remove(&uid);
                 match self.running.remove(&uid) {
-                    Some(p) => p.relay.stop().await,
+                    Some(relay) => relay.stop().await,
                     None => warn!(uid, "inpod: delete of a pod this proxy does not serve"),
                 }
                 Ok(())
@@ -147,8 +137,8 @@ impl InpodProxy {
                 for uid in drain {
                     info!(uid, "inpod: draining a pod the snapshot did not name");
                     self.pending.remove(&uid);
-                    if let Some(p) = self.running.remove(&uid) {
-                        p.relay.stop().await;
+                    if let Some(relay) = self.running.remove(&uid) {
+                        relay.stop().await;
                     }
                 }
                 Ok(())
@@ -166,7 +156,7 @@ impl InpodProxy {
                         uid,
                         "inpod: new namespace for a served pod, replacing its proxy"
                     );
-                    old.relay.stop().await;
+                    old.stop().await;
                 }
             }
             AddPlan::Start => {}
@@ -187,7 +177,7 @@ impl InpodProxy {
             Ok(relay) => {
                 self.pending.remove(&uid);
                 self.state.started(&uid, id, info);
-                self.running.insert(uid, PodProxy { netns, relay });
+                self.running.insert(uid, relay);
                 Ok(())
             }
             Err(reason) => {
@@ -210,13 +200,5 @@ impl InpodProxy {
                 Err(e) => tracing::debug!(uid, error = e, "inpod: retry failed"),
             }
         }
-    }
-
-    /// The namespaces of the pods served now (uid → namespace id).
-    pub fn served(&self) -> Vec<(String, NetnsId)> {
-        self.running
-            .iter()
-            .map(|(u, p)| (u.clone(), (p.netns.dev(), p.netns.ino())))
-            .collect()
     }
 }
