@@ -12,11 +12,17 @@ use crate::{
         control::{self, ControlRequest},
     },
     ebpf::{DEFAULT_PIN_DIR, Engine, EngineConfig, ProxyIdentity},
+    proxy::{
+        identity::{CertSource, DEFAULT_TRUST_DOMAIN, FileCerts, LocalCa, Tls},
+        mesh::{DefaultTransport, Mesh},
+        registry::Registry,
+    },
     zds::proxy::{InpodProxy, ProxyConfig},
 };
 
 pub const DEFAULT_SOCKET: &str = "/var/run/ztunnel/ztunnel.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/run/redirect";
+pub const DEFAULT_CA_DIR: &str = "/var/run/redirect/ca";
 
 #[derive(Debug, Clone, Args)]
 pub struct AgentArgs {
@@ -43,6 +49,65 @@ pub struct ProxyArgs {
     /// connections in flight finish), then exit.
     #[arg(long, default_value_t = 5)]
     pub drain_secs: u64,
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+}
+
+/// The proxy's data path: HBONE (mutual TLS, HTTP/2 CONNECT) by default.
+#[derive(Debug, Clone, Args)]
+pub struct MeshArgs {
+    /// Serve pods with the bare relay (no tunnel, no TLS): the redirection alone.
+    #[arg(long)]
+    pub bare_relay: bool,
+    /// The mesh's trust domain (identities are spiffe://<td>/ns/<ns>/sa/<sa>).
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Certificates from files: <dir>/root-cert.pem and, per identity,
+    /// <dir>/<namespace>/<service-account>/{cert-chain.pem,key.pem}; re-read when they change.
+    #[arg(long, conflicts_with = "ca_dir")]
+    pub certs_dir: Option<PathBuf>,
+    /// The built-in CA's directory (root created there on first start, key mode 0600):
+    /// proxies sharing it trust each other. Used unless --certs-dir is given.
+    #[arg(long, default_value = DEFAULT_CA_DIR)]
+    pub ca_dir: PathBuf,
+    /// Remote workloads and policies, YAML (the upstream proxy's local workload file
+    /// format); re-read when it changes. Enrolled pods are known without it.
+    #[arg(long)]
+    pub workloads: Option<PathBuf>,
+    /// How HBONE destinations are reached unless the workload file says.
+    #[arg(long, value_enum, default_value_t)]
+    pub transport: DefaultTransport,
+}
+
+impl MeshArgs {
+    /// The mesh data path, or `None` with `--bare-relay`. Call inside the runtime.
+    pub fn build(&self) -> Result<Option<Arc<Mesh>>> {
+        if self.bare_relay {
+            info!("proxy: bare relay, no mesh data path");
+            return Ok(None);
+        }
+        let source: Arc<dyn CertSource> = match &self.certs_dir {
+            Some(dir) => Arc::new(
+                FileCerts::open(dir)
+                    .with_context(|| format!("certificates in {}", dir.display()))?,
+            ),
+            None => Arc::new(
+                LocalCa::open_or_create(&self.ca_dir)
+                    .with_context(|| format!("local CA in {}", self.ca_dir.display()))?,
+            ),
+        };
+        let registry = Arc::new(Registry::new());
+        if let Some(path) = &self.workloads {
+            let n = registry
+                .load_file(path)
+                .with_context(|| format!("workload file {}", path.display()))?;
+            info!(path = %path.display(), workloads = n, "registry: workload file loaded");
+            let _watch = registry.watch_file(path.clone(), std::time::Duration::from_secs(1));
+        }
+        let tls = Tls::new(source, &self.trust_domain);
+        info!(trust_domain = self.trust_domain, transport = ?self.transport, "proxy: HBONE data path");
+        Ok(Some(Mesh::new(tls, registry, self.transport)))
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -95,6 +160,7 @@ pub async fn run(agent: AgentArgs, proxy: ProxyArgs) -> Result<()> {
         socket: agent.socket.clone(),
         dns: proxy.dns,
         events: None,
+        mesh: proxy.mesh.build()?,
     };
     let control_sock = agent.state_dir.join("control.sock");
     let proxy_task = tokio::spawn(InpodProxy::new(proxy_cfg).run());
@@ -127,6 +193,7 @@ pub async fn node_agent(agent: AgentArgs) -> Result<()> {
 /// `proxy`: the proxy alone, driven by any node agent speaking the protocol.
 pub async fn proxy(args: ProxyArgs) -> Result<()> {
     let cfg = ProxyConfig {
+        mesh: args.mesh.build()?,
         socket: args.socket,
         dns: args.dns,
         events: None,

@@ -27,6 +27,8 @@ enum Command {
         /// On SIGTERM, go on serving this long, then exit.
         #[arg(long, default_value_t = 5)]
         drain_secs: u64,
+        #[command(flatten)]
+        mesh: cli::MeshArgs,
     },
     /// The node agent alone: serves the node-agent protocol socket for any proxy.
     NodeAgent {
@@ -72,6 +74,7 @@ fn main() -> Result<()> {
             agent,
             dns,
             drain_secs,
+            mesh,
         } => {
             let socket = agent.socket.clone();
             rt.block_on(cli::run(
@@ -80,6 +83,7 @@ fn main() -> Result<()> {
                     socket,
                     dns,
                     drain_secs,
+                    mesh,
                 },
             ))
         }

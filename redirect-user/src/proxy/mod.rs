@@ -5,6 +5,11 @@
 //! steered connections arrive for, and are answered from, addresses that are not the
 //! pod's.
 
+pub mod hbone;
+pub mod identity;
+pub mod mesh;
+pub mod quic;
+pub mod registry;
 pub mod relay;
 
 use std::{

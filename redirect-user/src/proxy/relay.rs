@@ -1,12 +1,16 @@
-//! A bare relay behind a pod's listeners: no tunnel, no TLS. It shows where the engine
-//! delivered each connection and carries the bytes to the original destination, which
-//! is all the demo, the parity tests and the redirection benchmark need.
+//! The tasks behind a pod's listeners. Bare ([`Relay::start`]): no tunnel, no TLS; it
+//! shows where the engine delivered each connection and carries the bytes to the
+//! original destination, which is what the parity tests and the redirection benchmark
+//! need. With the mesh ([`Relay::start_mesh`]), 15001 and 15008 speak HBONE
+//! ([`super::mesh`]).
 //!
-//! - 15001 (outbound): connects to the original destination from inside the pod.
+//! - 15001 (outbound): bare, connects to the original destination from inside the pod;
+//!   mesh, tunnels to mesh workloads and passes the rest through.
 //! - 15006 (inbound plaintext): connects to the original destination (the app) from
-//!   inside the pod, keeping the client's address as source.
-//! - 15008 (tunnel): answers `TUNNEL <local address>\n` and closes; the mTLS tunnel
-//!   belongs to the full proxy.
+//!   inside the pod, keeping the client's address as source (refused when the pod's
+//!   policy requires mTLS).
+//! - 15008 (tunnel): bare, answers `TUNNEL <local address>\n` and closes; mesh, the
+//!   HBONE server.
 //! - 15053 (DNS, UDP and TCP): forwards to the original destination and answers from it.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -19,9 +23,9 @@ use tokio::{
     sync::mpsc::UnboundedSender,
     task::JoinSet,
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use super::{PodListeners, outbound_socket, udp_socket, unmap};
+use super::{PodListeners, mesh::PodMesh, outbound_socket, udp_socket, unmap};
 use crate::netns::Netns;
 
 /// One connection (or datagram) as a listener received it.
@@ -49,10 +53,32 @@ impl Relay {
         listeners: PodListeners,
         events: Option<UnboundedSender<AcceptEvent>>,
     ) -> std::io::Result<Self> {
+        Self::start_with(pod, netns, listeners, events, None)
+    }
+
+    /// Starts serving `listeners` with the mesh data path of `mesh`.
+    pub fn start_mesh(
+        pod: &str,
+        netns: Netns,
+        listeners: PodListeners,
+        events: Option<UnboundedSender<AcceptEvent>>,
+        mesh: Arc<PodMesh>,
+    ) -> std::io::Result<Self> {
+        Self::start_with(pod, netns, listeners, events, Some(mesh))
+    }
+
+    fn start_with(
+        pod: &str,
+        netns: Netns,
+        listeners: PodListeners,
+        events: Option<UnboundedSender<AcceptEvent>>,
+        mesh: Option<Arc<PodMesh>>,
+    ) -> std::io::Result<Self> {
         let ctx = Arc::new(Ctx {
             pod: pod.into(),
             netns,
             events,
+            mesh,
         });
         let mut tasks = JoinSet::new();
         let PodListeners {
@@ -89,6 +115,7 @@ struct Ctx {
     pod: String,
     netns: Netns,
     events: Option<UnboundedSender<AcceptEvent>>,
+    mesh: Option<Arc<PodMesh>>,
 }
 
 impl Ctx {
@@ -164,6 +191,23 @@ async fn serve(
     local: SocketAddr,
     peer: SocketAddr,
 ) -> std::io::Result<()> {
+    if let Some(mesh) = &ctx.mesh {
+        match port {
+            PORT_OUTBOUND => {
+                stream.set_nodelay(true)?;
+                return mesh.outbound(stream, peer, local).await;
+            }
+            PORT_TUNNEL => {
+                return super::hbone::serve(mesh.clone(), mesh.server_config(), stream, peer).await;
+            }
+            PORT_INBOUND if mesh.refuses_plaintext() => {
+                info!(pod = ctx.pod, %peer, %local, "relay: plaintext inbound refused, the pod requires mTLS");
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
     let source = match port {
         PORT_TUNNEL => {
             stream

@@ -3,7 +3,7 @@
 //! now), following [`ProxyState`]'s decisions. Reconnects with exponential backoff; pod
 //! proxies keep running while the agent is away; failed pods are retried.
 
-use std::{collections::HashMap, path::PathBuf, time::Duration};
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use redirect_ebpf::PROXY_MARK;
 use tokio::sync::mpsc::UnboundedSender;
@@ -20,6 +20,8 @@ use crate::{
     netns::Netns,
     proxy::{
         PodListeners,
+        mesh::Mesh,
+        registry::{Protocol, Transport, Workload},
         relay::{AcceptEvent, Relay},
     },
 };
@@ -36,6 +38,8 @@ pub struct ProxyConfig {
     pub dns: bool,
     /// Where accepted connections are reported (tests, demo).
     pub events: Option<UnboundedSender<AcceptEvent>>,
+    /// The mesh data path (HBONE); `None` serves pods with the bare relay.
+    pub mesh: Option<Arc<Mesh>>,
 }
 
 /// A pod whose listeners could not start yet.
@@ -125,6 +129,7 @@ impl InpodProxy {
                 info!("pod WorkloadUid({uid:?}) delete request, draining proxy");
                 self.state.on_del(&uid);
                 self.pending.remove(&uid);
+                self.forget(&uid);
                 match self.running.remove(&uid) {
                     Some(relay) => relay.stop().await,
                     None => warn!(uid, "inpod: delete of a pod this proxy does not serve"),
@@ -137,6 +142,7 @@ impl InpodProxy {
                 for uid in drain {
                     info!(uid, "inpod: draining a pod the snapshot did not name");
                     self.pending.remove(&uid);
+                    self.forget(&uid);
                     if let Some(relay) = self.running.remove(&uid) {
                         relay.stop().await;
                     }
@@ -171,7 +177,17 @@ impl InpodProxy {
             .map_err(|e| e.to_string())
             .and_then(|l| {
                 let ns = netns.try_clone().map_err(|e| e.to_string())?;
-                Relay::start(&uid, ns, l, self.cfg.events.clone()).map_err(|e| e.to_string())
+                let events = self.cfg.events.clone();
+                match &self.cfg.mesh {
+                    None => Relay::start(&uid, ns, l, events).map_err(|e| e.to_string()),
+                    Some(mesh) => {
+                        let workload = local_workload(&uid, &info, &netns)?;
+                        let pod = mesh
+                            .pod(workload, netns.try_clone().map_err(|e| e.to_string())?)
+                            .map_err(|e| format!("mesh: {e}"))?;
+                        Relay::start_mesh(&uid, ns, l, events, pod).map_err(|e| e.to_string())
+                    }
+                }
             });
         match started {
             Ok(relay) => {
@@ -189,6 +205,12 @@ impl InpodProxy {
         }
     }
 
+    fn forget(&self, uid: &str) {
+        if let Some(mesh) = &self.cfg.mesh {
+            mesh.forget(uid);
+        }
+    }
+
     async fn retry_pending(&mut self) {
         let uids: Vec<String> = self.pending.keys().cloned().collect();
         for uid in uids {
@@ -201,4 +223,34 @@ impl InpodProxy {
             }
         }
     }
+}
+
+/// An enrolled pod as the registry knows it: its identity from the agent, its addresses
+/// read from its namespace.
+fn local_workload(uid: &str, info: &WorkloadInfo, netns: &Netns) -> Result<Workload, String> {
+    let addrs = netns
+        .run(|| crate::netlink::Netlink::open().and_then(|mut nl| nl.addresses()))
+        .map_err(|e| format!("reading the pod's addresses: {e}"))?
+        .map_err(|e| format!("reading the pod's addresses: {e}"))?;
+    let ips = addrs
+        .into_iter()
+        .map(|(_, ip)| ip)
+        .filter(|ip| {
+            !ip.is_loopback()
+                && !matches!(ip, std::net::IpAddr::V6(v6) if v6.is_unicast_link_local())
+        })
+        .collect();
+    Ok(Workload {
+        uid: uid.into(),
+        name: info.name.clone(),
+        namespace: info.namespace.clone(),
+        service_account: info.service_account.clone(),
+        trust_domain: None,
+        ips,
+        protocol: Protocol::Hbone,
+        transport: Transport::Tcp,
+        node: String::new(),
+        services: Vec::new(),
+        local: true,
+    })
 }
