@@ -3,6 +3,9 @@
 //! apps, and helpers to look at what the kernel holds. Everything is removed on drop,
 //! on failure too.
 
+pub mod capture;
+pub mod cluster;
+
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader, Read, Write},

@@ -10,9 +10,15 @@ use std::{
     time::Duration,
 };
 
+use redirect_ebpf::{PORT_OUTBOUND, PORT_TUNNEL};
 use redirect_tests::*;
 use redirect_user::{
     agent::{Agent, PodSpec, PodState},
+    proxy::{
+        identity::{DEFAULT_TRUST_DOMAIN, LocalCa, Tls},
+        mesh::{DefaultTransport, Mesh},
+        registry::Registry,
+    },
     zds::{
         codec::{self, Request},
         proto::WorkloadInfo,
@@ -34,6 +40,8 @@ struct Node {
     proxy: Option<JoinHandle<()>>,
     events: mpsc::UnboundedSender<AcceptEvent>,
     rx: mpsc::UnboundedReceiver<AcceptEvent>,
+    /// The proxy's mesh data path; `None`: the bare relay.
+    mesh: Option<Arc<Mesh>>,
 }
 
 impl Node {
@@ -71,6 +79,7 @@ impl Node {
             proxy: None,
             events,
             rx,
+            mesh: None,
         };
         node.start_agent();
         node
@@ -108,6 +117,7 @@ impl Node {
             socket: self.socket(),
             dns: false,
             events: Some(self.events.clone()),
+            mesh: self.mesh.clone(),
         };
         self.proxy = Some(self.rt.spawn(InpodProxy::new(cfg).run()));
     }
@@ -421,6 +431,7 @@ fn our_proxy_answers_bad_input_and_keeps_serving() {
         socket: sock.clone(),
         dns: false,
         events: None,
+        mesh: None,
     };
     n.rt.block_on(async {
         let mut fa = FakeAgent {
@@ -624,4 +635,43 @@ fn a_pod_added_during_a_snapshot_reaches_that_proxy() {
     // Acked, but this proxy opened no listeners: the agent keeps looking, the pod stays refused.
     n.wait(|| n.state("a") == Some(PodState::FindingListeners));
     assert!(n.ask_out("a", "c").is_err());
+}
+
+#[test]
+fn two_enrolled_pods_talk_over_hbone_with_no_configuration() {
+    let mut n = Node::new("agmesh", &[("a", 10), ("b", 11)]);
+    let ca = LocalCa::open_or_create(&n.dir.join("ca")).unwrap();
+    n.mesh = Some(Mesh::new(
+        Tls::new(Arc::new(ca), DEFAULT_TRUST_DOMAIN),
+        Arc::new(Registry::new()),
+        DefaultTransport::Tcp,
+    ));
+    n.start_proxy();
+    n.wait(|| !n.agent().proxies().is_empty());
+    assert_eq!(n.add("a"), PodState::Ready);
+    assert_eq!(n.add("b"), PodState::Ready);
+    n.events();
+    let reply = n.ask_out("a", "b").unwrap();
+    let a_ip = n.topo.host("a").addr(false);
+    assert!(reply.starts_with(&format!("b from {a_ip}:")), "{reply}");
+    // a's proxy took the connection on 15001 and tunnelled it to b's 15008.
+    let ev = n.events();
+    assert!(
+        ev.iter()
+            .any(|e| e.pod == "uid-a" && e.listener == PORT_OUTBOUND),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter()
+            .any(|e| e.pod == "uid-b" && e.listener == PORT_TUNNEL && e.peer.ip() == a_ip),
+        "{ev:?}"
+    );
+    // Both pods were registered from the agent alone, addresses read from their namespaces.
+    let w = n
+        .mesh
+        .as_ref()
+        .unwrap()
+        .registry
+        .by_ip(n.topo.host("b").addr(true));
+    assert_eq!(w.map(|w| w.service_account.clone()), Some("sa".to_string()));
 }
