@@ -67,9 +67,10 @@ pub struct MeshArgs {
     #[arg(long, conflicts_with = "ca_dir")]
     pub certs_dir: Option<PathBuf>,
     /// The built-in CA's directory (root created there on first start, key mode 0600):
-    /// proxies sharing it trust each other. Used unless --certs-dir is given.
-    #[arg(long, default_value = DEFAULT_CA_DIR)]
-    pub ca_dir: PathBuf,
+    /// proxies sharing it trust each other. Used unless --certs-dir is given. Default:
+    /// <state-dir>/ca for `run`, /var/run/redirect/ca for `proxy`.
+    #[arg(long)]
+    pub ca_dir: Option<PathBuf>,
     /// Remote workloads and policies, YAML (the upstream proxy's local workload file
     /// format); re-read when it changes. Enrolled pods are known without it.
     #[arg(long)]
@@ -91,10 +92,16 @@ impl MeshArgs {
                 FileCerts::open(dir)
                     .with_context(|| format!("certificates in {}", dir.display()))?,
             ),
-            None => Arc::new(
-                LocalCa::open_or_create(&self.ca_dir)
-                    .with_context(|| format!("local CA in {}", self.ca_dir.display()))?,
-            ),
+            None => {
+                let dir = self
+                    .ca_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_CA_DIR));
+                Arc::new(
+                    LocalCa::open_or_create(&dir)
+                        .with_context(|| format!("local CA in {}", dir.display()))?,
+                )
+            }
         };
         let registry = Arc::new(Registry::new());
         if let Some(path) = &self.workloads {
@@ -153,7 +160,10 @@ pub enum PodCommand {
 }
 
 /// `run`: the node agent and the proxy in one process (the DaemonSet default).
-pub async fn run(agent: AgentArgs, proxy: ProxyArgs) -> Result<()> {
+pub async fn run(agent: AgentArgs, mut proxy: ProxyArgs) -> Result<()> {
+    if proxy.mesh.ca_dir.is_none() {
+        proxy.mesh.ca_dir = Some(agent.state_dir.join("ca"));
+    }
     let engine = Arc::new(open_engine(&agent.pin_dir, ProxyIdentity::OwnCgroup)?);
     let a = Agent::new(engine, &agent.state_dir)?;
     let proxy_cfg = ProxyConfig {

@@ -64,6 +64,9 @@ pub struct NodeConfig {
     pub trust_domain: String,
     /// Certificates from files in this directory instead of the shared local CA.
     pub certs_dir: Option<PathBuf>,
+    /// A local CA of its own in this directory (root-cert.pem, root-key.pem) instead
+    /// of the shared one.
+    pub ca_dir: Option<PathBuf>,
     pub transport: DefaultTransport,
 }
 
@@ -72,6 +75,7 @@ impl Default for NodeConfig {
         Self {
             trust_domain: TRUST_DOMAIN.into(),
             certs_dir: None,
+            ca_dir: None,
             transport: DefaultTransport::Tcp,
         }
     }
@@ -138,9 +142,10 @@ impl Cluster {
         let mut nodes = Vec::new();
         for k in 1..=2 {
             let cfg = node_config(&ca, k);
-            let source: Arc<dyn CertSource> = match &cfg.certs_dir {
-                Some(d) => Arc::new(FileCerts::open(d)?),
-                None => ca.clone(),
+            let source: Arc<dyn CertSource> = match (&cfg.certs_dir, &cfg.ca_dir) {
+                (Some(d), _) => Arc::new(FileCerts::open(d)?),
+                (None, Some(d)) => Arc::new(LocalCa::open_or_create(d)?),
+                (None, None) => ca.clone(),
             };
             let tls = Tls::new(source, &cfg.trust_domain);
             let registry = Arc::new(Registry::new());

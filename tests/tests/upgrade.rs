@@ -78,6 +78,7 @@ fn upgrade_and_agent_restart_under_a_connection_loop() {
     let _cleanup = RemoveDir(dir.clone());
     let d = dir.to_str().unwrap().to_string();
     let sock = format!("{d}/zds.sock");
+    let ca = format!("{d}/ca");
     let pin = format!("/sys/fs/bpf/{base}-node");
     let _pins = RemoveDir(pin.clone().into());
     let agent_args = [
@@ -93,7 +94,15 @@ fn upgrade_and_agent_restart_under_a_connection_loop() {
     let mut agent = Proc::spawn(&agent_args, &dir.join("agent.log"));
     wait_for("agent socket", 10, || Path::new(&sock).exists());
     let mut v1 = Proc::spawn(
-        &["proxy", "--socket", &sock, "--drain-secs", "1"],
+        &[
+            "proxy",
+            "--socket",
+            &sock,
+            "--drain-secs",
+            "1",
+            "--ca-dir",
+            &ca,
+        ],
         &dir.join("proxy1.log"),
     );
     let netns = m.host("a").path();
@@ -110,7 +119,15 @@ fn upgrade_and_agent_restart_under_a_connection_loop() {
     let lp = connection_loop(m.ns("a"), to);
     std::thread::sleep(Duration::from_millis(300));
     let v2 = Proc::spawn(
-        &["proxy", "--socket", &sock, "--drain-secs", "1"],
+        &[
+            "proxy",
+            "--socket",
+            &sock,
+            "--drain-secs",
+            "1",
+            "--ca-dir",
+            &ca,
+        ],
         &dir.join("proxy2.log"),
     );
     wait_for("pod ready on proxy 2", 10, || {
