@@ -250,7 +250,17 @@ impl Drop for StreamGuard {
     }
 }
 
-type Slot = Arc<tokio::sync::Mutex<Vec<Pooled>>>;
+/// The pooled connections of one key, and its last failed connect: openers that queued
+/// behind a failing connect fail with it for a moment instead of each trying in turn.
+#[derive(Default)]
+struct SlotState {
+    conns: Vec<Pooled>,
+    failed: Option<(Instant, io::ErrorKind, String)>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<SlotState>>;
+
+const FAIL_FAST: Duration = Duration::from_secs(1);
 
 /// A tunnel to open: who asks, for where, through which peer.
 #[derive(Debug, Clone)]
@@ -299,7 +309,8 @@ impl Pool {
             .map(|s| {
                 s.try_lock()
                     .map(|v| {
-                        v.iter()
+                        v.conns
+                            .iter()
                             .filter(|p| !p.closed.load(Ordering::Acquire))
                             .count()
                     })
@@ -329,19 +340,34 @@ impl Pool {
         };
         let slot = self.slots.lock().unwrap().entry(key).or_default().clone();
         let (send, guard) = {
-            let mut conns = slot.lock().await;
-            conns.retain(|p| !p.closed.load(Ordering::Acquire));
-            let free = conns
+            let mut slot = slot.lock().await;
+            slot.conns.retain(|p| !p.closed.load(Ordering::Acquire));
+            let free = slot
+                .conns
                 .iter()
-                .find(|p| p.streams.load(Ordering::Acquire) < CLIENT_MAX_STREAMS);
-            let p = match free {
-                Some(p) => p,
+                .position(|p| p.streams.load(Ordering::Acquire) < CLIENT_MAX_STREAMS);
+            let i = match free {
+                Some(i) => i,
                 None => {
-                    let p = self.connect(o).await?;
-                    conns.push(p);
-                    conns.last().unwrap()
+                    if let Some((at, kind, why)) = &slot.failed
+                        && at.elapsed() < FAIL_FAST
+                    {
+                        return Err(io::Error::new(*kind, why.clone()));
+                    }
+                    match self.connect(o).await {
+                        Ok(p) => {
+                            slot.failed = None;
+                            slot.conns.push(p);
+                            slot.conns.len() - 1
+                        }
+                        Err(e) => {
+                            slot.failed = Some((Instant::now(), e.kind(), e.to_string()));
+                            return Err(e);
+                        }
+                    }
                 }
             };
+            let p = &slot.conns[i];
             p.streams.fetch_add(1, Ordering::AcqRel);
             (p.send.clone(), StreamGuard(p.streams.clone()))
         };
