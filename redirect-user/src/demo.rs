@@ -1,11 +1,13 @@
 //! `redirect-user demo`: the engine on this machine's kernel, end to end. Builds two
 //! pods and an outside peer in namespaces, enrols the pods behind the bare relay, sends
 //! real traffic in both address families, prints where each connection landed and the
-//! pods' counters, un-enrols and removes everything.
+//! pods' counters, un-enrols and removes everything. Then the mesh data path across
+//! two simulated nodes ([`crate::demo_mesh`]).
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -21,6 +23,15 @@ use crate::{
     },
     topology::Topology,
 };
+
+/// Removes a directory (a pin directory, a temporary one) when dropped, on failure too.
+pub(crate) struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// An echo server (one line back, prefixed with who answered) in a namespace.
 pub fn echo_server(netns: &Netns, who: &str, addr: SocketAddr) -> Result<()> {
@@ -64,7 +75,8 @@ pub fn ask(netns: &Netns, to: SocketAddr, line: &str) -> Result<String> {
 }
 
 pub async fn run() -> Result<()> {
-    let pin_dir = std::path::PathBuf::from("/sys/fs/bpf/redirect-demo");
+    let pin_guard = RemoveOnDrop(PathBuf::from("/sys/fs/bpf/redirect-demo"));
+    let pin_dir = pin_guard.0.clone();
     println!(
         "== building the topology: pods a and b, outside peer c, on a bridge in a node namespace"
     );
@@ -199,11 +211,13 @@ pub async fn run() -> Result<()> {
         r.stop().await;
     }
     drop(engine);
-    let _ = std::fs::remove_dir_all(&pin_dir);
+    drop(pin_guard);
     drop(topo);
+
+    failures += crate::demo_mesh::run().await?;
     if failures > 0 {
         bail!("{failures} demo step(s) failed");
     }
-    println!("== done: namespaces removed");
+    println!("== done: namespaces, pins and temporary files removed");
     Ok(())
 }

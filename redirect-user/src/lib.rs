@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod cli;
 pub mod demo;
+pub mod demo_mesh;
 pub mod ebpf;
 pub mod netlink;
 pub mod netns;

@@ -74,6 +74,14 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// Writes `value` to `/proc/sys/<key>` inside the namespace `ns`.
+/// No duplicate address detection on the namespace's interfaces to come, link-local
+/// addresses included: a router whose link-local address is still tentative cannot
+/// resolve its IPv6 neighbours (about 2 s lost on the first connection).
+fn no_dad(ns: &str) -> Result<()> {
+    sysctl(ns, "net/ipv6/conf/default/accept_dad", "0")?;
+    sysctl(ns, "net/ipv6/conf/all/accept_dad", "0")
+}
+
 fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     let netns = Netns::open(format!("/var/run/netns/{ns}"))?;
     let path = format!("/proc/sys/{key}");
@@ -177,6 +185,9 @@ impl Topology {
         };
         ip(&["netns", "add", &ns])?;
         self.nodes.push(ns.clone());
+        if self.routed {
+            no_dad(&ns)?;
+        }
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &ns, "link", "set", "br0", "up"])?;
@@ -252,6 +263,9 @@ impl Topology {
             v6,
             node,
         });
+        if self.routed {
+            no_dad(&ns)?;
+        }
         let port = format!("v{}", self.hosts.len());
         ip(&[
             "link", "add", &port, "netns", &node_ns, "type", "veth", "peer", "name", "eth0",
