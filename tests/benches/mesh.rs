@@ -1,16 +1,25 @@
 //! The cost of redirection, side by side in one run over one topology (pods a and b on
 //! one node): `direct` (no mesh: the limit), `iptables` (the in-pod rule set of
 //! inpod-rules.md with its routes and marks) and `ebpf` (this engine), the last two in
-//! front of the same bare TCP relay as the pods' proxy; with `EXTERNAL_PROXY=<binary>`,
-//! also `external`: that proxy under our node agent and engine. Run by `cargo xtask bench`.
+//! front of the same proxy, run twice: as a bare TCP relay (the cost of redirection
+//! alone) and as the full mesh data path (`+hbone`: a's app -> a's 15001 -> HBONE, mutual
+//! TLS and HTTP/2 CONNECT -> b's 15008 -> b's app; `ebpf+quic`: the same over our QUIC
+//! transport). With `EXTERNAL_PROXY=<binary>`, also `external`: that proxy under our node
+//! agent and engine. Run by `cargo xtask bench`.
 //!
-//! Figures: new connections per second (one request per connection) at several
-//! concurrencies, request latency p50/p99/p99.9 over persistent connections, bulk
-//! throughput over one stream with the CPU time per GB (all CPUs, from /proc/stat).
+//! Figures from our load generator: new connections per second (one request per
+//! connection) at several concurrencies, request latency p50/p99/p99.9 over persistent
+//! connections, bulk throughput over one stream with the CPU time per GB (all CPUs, from
+//! /proc/stat). From real tools when installed (`cargo xtask bench` installs them; each
+//! run bounded in time, client in pod a, server in pod b): iperf3, one stream; wrk, HTTP
+//! requests over keep-alive connections and, with `Connection: close`, new connections
+//! per second, against a fixed-answer HTTP/1.1 server of this bench in pod b.
 //! Output: a table on stdout, `target/bench/mesh.{md,json,svg}`.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -19,8 +28,13 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use redirect_tests::*;
-use redirect_user::proxy::relay::Relay;
+use redirect_tests::{process::RemoveDir, *};
+use redirect_user::proxy::{
+    identity::{LocalCa, Tls},
+    mesh::{DefaultTransport, Mesh as ProxyMesh},
+    registry::Registry,
+    relay::Relay,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -28,7 +42,10 @@ use tokio::{
 
 const ECHO_PORT: u16 = 7000;
 const BULK_PORT: u16 = 7001;
+const HTTP_PORT: u16 = 7080;
+const IPERF_PORT: u16 = 7201;
 const REQ: usize = 64;
+const TRUST_DOMAIN: &str = "cluster.local";
 
 /// How long and how hard, per variant.
 struct Plan {
@@ -37,6 +54,10 @@ struct Plan {
     latency_requests: usize,
     bulk_bytes: u64,
     bulk_runs: usize,
+    /// Seconds per iperf3 and per wrk run.
+    tool_seconds: u32,
+    /// wrk's connections (one thread).
+    wrk_connections: usize,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -46,6 +67,29 @@ struct Figures {
     lat_us: [f64; 3],
     gbit_s: f64,
     cpu_s_per_gb: f64,
+    /// iperf3, one stream a -> b.
+    iperf3: Option<Iperf>,
+    /// wrk over keep-alive connections.
+    wrk_keepalive: Option<Wrk>,
+    /// wrk with `Connection: close`: one request per connection.
+    wrk_close: Option<Wrk>,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+struct Iperf {
+    gbit_s: f64,
+    retransmits: u64,
+    seconds: f64,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+struct Wrk {
+    connections: usize,
+    requests: u64,
+    req_per_s: f64,
+    /// p50, p99, p99.9 in µs (wrk's own histogram).
+    lat_us: [f64; 3],
+    errors: u64,
 }
 
 /// A socket of the app in `ns` (no mark: it is redirected like any app's).
@@ -80,14 +124,23 @@ fn tune_for_load(ns: &Netns) -> Result<()> {
     Ok(())
 }
 
-/// The apps of pod b: an echo of fixed-size requests, and a sink for bulk data.
-fn start_servers(ns: &Netns, ip: std::net::IpAddr) -> Result<()> {
+/// The apps of pod b: an echo of fixed-size requests, a sink for bulk data, and a
+/// fixed-answer HTTP/1.1 server (for wrk).
+fn start_servers(ns: &Netns, ip: IpAddr) -> Result<()> {
     let echo = ns.run(|| std::net::TcpListener::bind((ip, ECHO_PORT)))??;
     let bulk = ns.run(|| std::net::TcpListener::bind((ip, BULK_PORT)))??;
+    let http = ns.run(|| std::net::TcpListener::bind((ip, HTTP_PORT)))??;
     echo.set_nonblocking(true)?;
     bulk.set_nonblocking(true)?;
+    http.set_nonblocking(true)?;
     let echo = TcpListener::from_std(echo)?;
     let bulk = TcpListener::from_std(bulk)?;
+    let http = TcpListener::from_std(http)?;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = http.accept().await {
+            tokio::spawn(http_connection(s));
+        }
+    });
     tokio::spawn(async move {
         while let Ok((mut s, _)) = echo.accept().await {
             tokio::spawn(async move {
@@ -117,6 +170,40 @@ fn start_servers(ns: &Netns, ip: std::net::IpAddr) -> Result<()> {
         }
     });
     Ok(())
+}
+
+/// One HTTP/1.1 connection: every request (headers only, as wrk sends them) gets
+/// `200 ok`; the connection stays open unless the request says `Connection: close`.
+async fn http_connection(mut s: TcpStream) {
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok";
+    const OK_CLOSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nok";
+    let _ = s.set_nodelay(true);
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            buf.drain(..end + 4);
+            let close = head
+                .lines()
+                .any(|l| l.starts_with("connection:") && l.contains("close"));
+            if s.write_all(if close { OK_CLOSE } else { OK })
+                .await
+                .is_err()
+                || close
+            {
+                let _ = s.shutdown().await;
+                return;
+            }
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if buf.len() > 64 * 1024 {
+            return;
+        }
+    }
 }
 
 async fn conn_rate(ns: Arc<Netns>, to: SocketAddr, conc: usize, secs: f64) -> f64 {
@@ -217,12 +304,7 @@ async fn bulk(ns: &Netns, to: SocketAddr, bytes: u64) -> Result<(f64, f64)> {
     Ok((gb * 8.0 / secs, cpu / gb))
 }
 
-async fn measure(
-    mode: &str,
-    ns_a: Arc<Netns>,
-    b: std::net::IpAddr,
-    plan: &Plan,
-) -> Result<Figures> {
+async fn measure(mode: &str, ns_a: Arc<Netns>, b: IpAddr, plan: &Plan) -> Result<Figures> {
     let echo = SocketAddr::new(b, ECHO_PORT);
     // Warm up (and check the path works).
     latency(&ns_a, echo, 100)
@@ -236,11 +318,17 @@ async fn measure(
         f.conn_per_s
             .push((c, conn_rate(ns_a.clone(), echo, c, plan.seconds).await));
     }
-    f.lat_us = latency(&ns_a, echo, plan.latency_requests).await?;
+    f.lat_us = latency(&ns_a, echo, plan.latency_requests)
+        .await
+        .context("latency over one connection")?;
     // One stream through a userspace relay on two cores varies run to run: the median.
     let mut runs = Vec::new();
-    for _ in 0..plan.bulk_runs {
-        runs.push(bulk(&ns_a, SocketAddr::new(b, BULK_PORT), plan.bulk_bytes).await?);
+    for i in 0..plan.bulk_runs {
+        runs.push(
+            bulk(&ns_a, SocketAddr::new(b, BULK_PORT), plan.bulk_bytes)
+                .await
+                .with_context(|| format!("bulk stream {}", i + 1))?,
+        );
     }
     runs.sort_by(|x, y| x.0.partial_cmp(&y.0).unwrap());
     let (gbit, cpu) = runs[runs.len() / 2];
@@ -250,76 +338,399 @@ async fn measure(
     Ok(f)
 }
 
-fn table(rows: &[Figures]) -> String {
-    let direct = rows
-        .iter()
-        .find(|r| r.mode == "direct")
-        .cloned()
-        .unwrap_or_default();
-    let ipt = rows
-        .iter()
-        .find(|r| r.mode == "iptables")
-        .cloned()
-        .unwrap_or_default();
-    let mut s = String::from("| mode |");
-    for (c, _) in &direct.conn_per_s {
-        s.push_str(&format!(" conn/s c={c} |"));
-    }
-    s.push_str(" p50 µs | p99 µs | p99.9 µs | Gbit/s | CPU s/GB | conn/s vs direct | vs iptables | Gbit/s vs iptables |\n|---|");
-    for _ in &direct.conn_per_s {
-        s.push_str("---:|");
-    }
-    s.push_str("---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    for r in rows {
-        s.push_str(&format!("| {} |", r.mode));
-        for (_, v) in &r.conn_per_s {
-            s.push_str(&format!(" {v:.0} |"));
+/// The real load tools found on this machine, and a directory of the bench's own files
+/// (wrk's report script, the tools' output), removed at the end.
+struct Tools {
+    iperf3: bool,
+    wrk: bool,
+    dir: PathBuf,
+    /// Namespace names for `ip netns exec`: the client's (pod a), the server's (pod b).
+    client: String,
+    server: String,
+}
+
+/// wrk's report, one line: requests, duration (µs), errors, p50/p99/p99.9 (µs).
+const WRK_SCRIPT: &str = r#"done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK-RESULT %d %d %d %.1f %.1f %.1f\n",
+    summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+end
+"#;
+
+impl Tools {
+    fn find(dir: PathBuf, client: &str, server: &str) -> Result<Self> {
+        let have = |bin: &str| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {bin}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let t = Self {
+            iperf3: have("iperf3"),
+            wrk: have("wrk"),
+            dir,
+            client: client.into(),
+            server: server.into(),
+        };
+        let missing: Vec<&str> = [("iperf3", t.iperf3), ("wrk", t.wrk)]
+            .iter()
+            .filter(|(_, ok)| !ok)
+            .map(|(n, _)| *n)
+            .collect();
+        if !missing.is_empty() {
+            eprintln!(
+                "mesh bench: {} not installed (`cargo xtask bench` installs them with apt-get): going on without their columns",
+                missing.join(" and ")
+            );
         }
-        let top = |x: &Figures| x.conn_per_s.last().map(|v| v.1).unwrap_or(0.0);
-        s.push_str(&format!(
-            " {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2}x | {:.2}x | {:.2}x |\n",
-            r.lat_us[0],
-            r.lat_us[1],
-            r.lat_us[2],
-            r.gbit_s,
-            r.cpu_s_per_gb,
-            top(r) / top(&direct),
-            top(r) / top(&ipt),
-            r.gbit_s / ipt.gbit_s
-        ));
+        if t.wrk {
+            std::fs::write(t.dir.join("report.lua"), WRK_SCRIPT)?;
+        }
+        Ok(t)
+    }
+}
+
+/// Runs `cmd` for at most `limit` (killed then): its exit status, stdout and stderr
+/// (through files of the bench's directory).
+fn run_bounded(
+    cmd: &mut Command,
+    dir: &Path,
+    limit: Duration,
+) -> Result<(std::process::ExitStatus, String, String)> {
+    let (out, err) = (dir.join("tool.out"), dir.join("tool.err"));
+    let mut child = redirect_tests::process::Proc(
+        cmd.env("TMPDIR", dir)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out)?)
+            .stderr(std::fs::File::create(&err)?)
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?,
+    );
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.0.try_wait()? {
+            break s;
+        }
+        anyhow::ensure!(
+            t.elapsed() < limit,
+            "still running after {} s: stopped",
+            limit.as_secs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok((
+        status,
+        std::fs::read_to_string(&out).unwrap_or_default(),
+        std::fs::read_to_string(&err).unwrap_or_default(),
+    ))
+}
+
+/// Whether a TCP socket listens on `port` in `ns`.
+fn listening(ns: &Netns, port: u16) -> bool {
+    let port = format!(":{port:04X}");
+    ns.run(|| {
+        ["tcp", "tcp6"].iter().any(|f| {
+            std::fs::read_to_string(format!("/proc/thread-self/net/{f}"))
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .any(|l| {
+                    let c: Vec<&str> = l.split_whitespace().collect();
+                    c.len() > 3 && c[1].ends_with(&port) && c[3] == "0A"
+                })
+        })
+    })
+    .unwrap_or(false)
+}
+
+/// iperf3, one stream from pod a to `iperf3 -s -1` in pod b, `secs` long.
+fn iperf3(t: &Tools, server_ns: &Netns, b: IpAddr, secs: u32) -> Result<Iperf> {
+    let port = IPERF_PORT.to_string();
+    let _server = redirect_tests::process::Proc(
+        Command::new("ip")
+            .args([
+                "netns", "exec", &t.server, "iperf3", "-s", "-1", "-p", &port,
+            ])
+            .env("TMPDIR", &t.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 -s")?,
+    );
+    let started = Instant::now();
+    while !listening(server_ns, IPERF_PORT) {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(5),
+            "iperf3 -s did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (status, out, err) = run_bounded(
+        Command::new("ip")
+            .args(["netns", "exec", &t.client, "iperf3", "-J"])
+            .args(["-c", &b.to_string(), "-p", &port, "-t", &secs.to_string()]),
+        &t.dir,
+        Duration::from_secs(secs as u64 + 15),
+    )?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("iperf3 ({status}): {}", err.trim()))?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        anyhow::bail!("iperf3: {e}");
+    }
+    let received = &v["end"]["sum_received"];
+    Ok(Iperf {
+        gbit_s: received["bits_per_second"]
+            .as_f64()
+            .context("iperf3: no end.sum_received")?
+            / 1e9,
+        retransmits: v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+        seconds: received["seconds"].as_f64().unwrap_or(0.0),
+    })
+}
+
+/// wrk, one thread and `conns` connections from pod a to the HTTP server in pod b;
+/// with `close`, each request on a new connection.
+fn wrk(t: &Tools, b: IpAddr, conns: usize, secs: u32, close: bool) -> Result<Wrk> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &t.client, "wrk", "-t1", "--timeout", "3s"])
+        .args(["-c", &conns.to_string(), "-d", &format!("{secs}s"), "-s"])
+        .arg(t.dir.join("report.lua"));
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    cmd.arg(format!("http://{}/", SocketAddr::new(b, HTTP_PORT)));
+    let (status, out, err) = run_bounded(&mut cmd, &t.dir, Duration::from_secs(secs as u64 + 15))?;
+    anyhow::ensure!(status.success(), "wrk ({status}): {}", err.trim());
+    let f: Vec<f64> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("WRK-RESULT "))
+        .context("wrk: no report")?
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    anyhow::ensure!(f.len() == 6 && f[1] > 0.0, "wrk: unreadable report");
+    Ok(Wrk {
+        connections: conns,
+        requests: f[0] as u64,
+        req_per_s: f[0] / (f[1] / 1e6),
+        lat_us: [f[3], f[4], f[5]],
+        errors: f[2] as u64,
+    })
+}
+
+/// Our load, then the tools' (when installed; a tool's failure is reported, not fatal).
+fn measure_mode(
+    rt: &tokio::runtime::Runtime,
+    mode: &str,
+    ns_a: Arc<Netns>,
+    ns_b: &Netns,
+    b: IpAddr,
+    plan: &Plan,
+    tools: &Tools,
+) -> Result<Figures> {
+    let mut f = rt.block_on(measure(mode, ns_a, b, plan))?;
+    if tools.iperf3 {
+        match iperf3(tools, ns_b, b, plan.tool_seconds) {
+            Ok(x) => f.iperf3 = Some(x),
+            Err(e) => eprintln!("  {mode}: iperf3 failed: {e:#}"),
+        }
+    }
+    if tools.wrk {
+        for close in [false, true] {
+            match wrk(tools, b, plan.wrk_connections, plan.tool_seconds, close) {
+                Ok(w) => {
+                    if w.errors > 0 {
+                        eprintln!(
+                            "  {mode}: wrk{}: {} errors in {} requests",
+                            if close { " (Connection: close)" } else { "" },
+                            w.errors,
+                            w.requests
+                        );
+                    }
+                    if close {
+                        f.wrk_close = Some(w);
+                    } else {
+                        f.wrk_keepalive = Some(w);
+                    }
+                }
+                Err(e) => eprintln!("  {mode}: wrk failed: {e:#}"),
+            }
+        }
+    }
+    eprintln!(
+        "{mode}: iperf3 {:?}, wrk keep-alive {:?}, wrk close {:?}",
+        f.iperf3, f.wrk_keepalive, f.wrk_close
+    );
+    Ok(f)
+}
+
+/// The connection rate at the highest concurrency.
+fn top(x: &Figures) -> f64 {
+    x.conn_per_s.last().map(|v| v.1).unwrap_or(0.0)
+}
+
+/// The row a row is compared with behind the rule set: the same proxy (bare relay or
+/// the HBONE path). None for an external proxy.
+fn iptables_base(mode: &str) -> Option<&'static str> {
+    if mode.starts_with("external") {
+        None
+    } else if mode.contains("hbone") || mode.contains("quic") {
+        Some("iptables+hbone")
+    } else {
+        Some("iptables")
+    }
+}
+
+fn ratio(a: f64, b: Option<f64>) -> String {
+    match b {
+        Some(b) if b > 0.0 && a > 0.0 => format!("{:.2}x", a / b),
+        _ => "–".into(),
+    }
+}
+
+fn table(rows: &[Figures]) -> String {
+    let find = |m: &str| rows.iter().find(|r| r.mode == m);
+    let direct = find("direct");
+    let external = rows.iter().find(|r| r.mode.starts_with("external"));
+    let iperf = rows.iter().any(|r| r.iperf3.is_some());
+    let keepalive = rows
+        .iter()
+        .find_map(|r| r.wrk_keepalive.as_ref().map(|w| w.connections));
+    let close = rows
+        .iter()
+        .find_map(|r| r.wrk_close.as_ref().map(|w| w.connections));
+    let dash = || "–".to_string();
+    let mut head = vec!["mode".to_string()];
+    if let Some(r) = rows.first() {
+        head.extend(r.conn_per_s.iter().map(|(c, _)| format!("conn/s c={c}")));
+    }
+    head.extend(["p50 µs", "p99 µs", "p99.9 µs", "Gbit/s", "CPU s/GB"].map(String::from));
+    if iperf {
+        head.push("iperf3 Gbit/s".into());
+    }
+    if let Some(c) = keepalive {
+        head.push(format!("wrk req/s keep-alive c={c}"));
+        head.extend(["wrk p50 µs", "wrk p99 µs"].map(String::from));
+    }
+    if let Some(c) = close {
+        head.push(format!("wrk conn/s c={c}"));
+    }
+    head.extend(
+        [
+            "conn/s vs direct",
+            "conn/s vs iptables",
+            "Gbit/s vs iptables",
+        ]
+        .map(String::from),
+    );
+    if external.is_some() {
+        head.extend(["conn/s vs external", "Gbit/s vs external"].map(String::from));
+    }
+    let mut s = format!(
+        "| {} |\n|---|{}\n",
+        head.join(" | "),
+        "---:|".repeat(head.len() - 1)
+    );
+    for r in rows {
+        let base = iptables_base(&r.mode).and_then(find);
+        let mut c = vec![r.mode.clone()];
+        c.extend(r.conn_per_s.iter().map(|(_, v)| format!("{v:.0}")));
+        c.extend(r.lat_us.iter().map(|v| format!("{v:.1}")));
+        c.push(format!("{:.2}", r.gbit_s));
+        c.push(format!("{:.2}", r.cpu_s_per_gb));
+        if iperf {
+            c.push(
+                r.iperf3
+                    .as_ref()
+                    .map_or_else(dash, |x| format!("{:.2}", x.gbit_s)),
+            );
+        }
+        if keepalive.is_some() {
+            match &r.wrk_keepalive {
+                Some(w) => c.extend([
+                    format!("{:.0}", w.req_per_s),
+                    format!("{:.1}", w.lat_us[0]),
+                    format!("{:.1}", w.lat_us[1]),
+                ]),
+                None => c.extend([dash(), dash(), dash()]),
+            }
+        }
+        if close.is_some() {
+            c.push(
+                r.wrk_close
+                    .as_ref()
+                    .map_or_else(dash, |w| format!("{:.0}", w.req_per_s)),
+            );
+        }
+        c.push(ratio(top(r), direct.map(top)));
+        c.push(ratio(top(r), base.map(top)));
+        c.push(ratio(r.gbit_s, base.map(|b| b.gbit_s)));
+        if let Some(e) = external {
+            c.push(ratio(top(r), Some(top(e))));
+            c.push(ratio(r.gbit_s, Some(e.gbit_s)));
+        }
+        s.push_str(&format!("| {} |\n", c.join(" | ")));
     }
     s
 }
 
-/// A chart's title and the value it shows per mode.
-type Chart = (&'static str, fn(&Figures) -> f64);
+/// A chart's title and the value it shows per mode (None: not measured).
+type Chart = (&'static str, fn(&Figures) -> Option<f64>);
 
-/// A bar chart of the connection rate (highest concurrency) and throughput per mode.
+/// Bar charts per mode, one above the other: the connection rate (highest
+/// concurrency), throughput, and the tools' figures when measured.
 fn svg(rows: &[Figures]) -> String {
-    let (w, h, bar) = (640.0, 300.0, 40.0);
-    let mut out = format!(
-        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n"
-    );
-    let charts: [Chart; 2] = [
-        ("new connections/s", |r| {
-            r.conn_per_s.last().map(|v| v.1).unwrap_or(0.0)
+    let all: [Chart; 4] = [
+        ("new connections/s, highest concurrency", |r| Some(top(r))),
+        ("Gbit/s, one stream", |r| Some(r.gbit_s)),
+        ("iperf3 Gbit/s, one stream", |r| {
+            r.iperf3.as_ref().map(|x| x.gbit_s)
         }),
-        ("Gbit/s, one stream", |r| r.gbit_s),
+        ("wrk new connections/s", |r| {
+            r.wrk_close.as_ref().map(|w| w.req_per_s)
+        }),
     ];
+    let charts: Vec<&Chart> = all
+        .iter()
+        .filter(|(_, v)| rows.iter().any(|r| v(r).is_some()))
+        .collect();
+    let (ch, bar, step) = (240.0, 40.0, 110.0);
+    let w = 40.0 + step * rows.len() as f64;
+    let h = ch * charts.len() as f64;
+    let mut out = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='11'>\n"
+    );
     for (i, (title, value)) in charts.iter().enumerate() {
-        let x0 = 20.0 + i as f64 * (w / 2.0);
-        let max = rows.iter().map(value).fold(0.0, f64::max).max(1e-9);
-        out.push_str(&format!("<text x='{x0}' y='20'>{title}</text>\n"));
+        let y0 = i as f64 * ch;
+        let max = rows.iter().filter_map(value).fold(0.0, f64::max).max(1e-9);
+        out.push_str(&format!(
+            "<text x='20' y='{}' font-size='13'>{title}</text>\n",
+            y0 + 20.0
+        ));
         for (j, r) in rows.iter().enumerate() {
-            let v = value(r);
-            let bh = (h - 80.0) * v / max;
-            let x = x0 + j as f64 * (bar + 30.0);
+            let x = 20.0 + j as f64 * step;
+            let base = y0 + ch - 30.0;
             out.push_str(&format!(
-                "<rect x='{x}' y='{}' width='{bar}' height='{bh}' fill='#4a7ab0'/><text x='{x}' y='{}'>{v:.1}</text><text x='{x}' y='{}'>{}</text>\n",
-                h - 40.0 - bh,
-                h - 45.0 - bh,
-                h - 25.0,
+                "<text x='{x}' y='{}'>{}</text>\n",
+                base + 15.0,
                 r.mode
+            ));
+            let Some(v) = value(r) else { continue };
+            let bh = (ch - 80.0) * v / max;
+            out.push_str(&format!(
+                "<rect x='{x}' y='{}' width='{bar}' height='{bh}' fill='#4a7ab0'/><text x='{x}' y='{}'>{}</text>\n",
+                base - bh,
+                base - bh - 5.0,
+                if v >= 100.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.2}")
+                }
             ));
         }
     }
@@ -336,13 +747,14 @@ fn external(
     m: &Mesh,
     bin: &str,
     ns_a: Arc<Netns>,
-    b: std::net::IpAddr,
+    b: IpAddr,
     plan: &Plan,
+    tools: &Tools,
+    load: &tokio::runtime::Runtime,
 ) -> Result<Figures> {
-    use redirect_tests::process::RemoveDir;
     use redirect_user::agent::{Agent, PodSpec, PodState};
     let base = m.base();
-    let dir = std::path::PathBuf::from(format!("/tmp/{base}-ext"));
+    let dir = PathBuf::from(format!("/tmp/{base}-ext"));
     let _cleanup = (
         RemoveDir(dir.clone()),
         RemoveDir(format!("/sys/fs/bpf/{base}-ext").into()),
@@ -414,7 +826,7 @@ fn external(
                     .unwrap_or(state);
             }
         }
-        let mut f = m.rt.block_on(measure("external", ns_a, b, plan))?;
+        let mut f = measure_mode(load, "external", ns_a, &m.ns("b"), b, plan, tools)?;
         f.mode = format!(
             "external ({})",
             std::path::Path::new(bin)
@@ -432,15 +844,52 @@ fn external(
     result
 }
 
+/// A proxy's shared mesh side as cluster.rs builds it: certificates from `ca`, its own
+/// registry (pods a and b register as they are enrolled).
+fn proxy_mesh(ca: &Arc<LocalCa>, transport: DefaultTransport) -> Arc<ProxyMesh> {
+    let tls = Tls::new(ca.clone(), TRUST_DOMAIN);
+    ProxyMesh::new(tls, Arc::new(Registry::new()), transport)
+}
+
+/// The table's order: bare relay rows, then the mesh data path, then others.
+fn rank(mode: &str) -> usize {
+    [
+        "direct",
+        "ebpf",
+        "ebpf +500 pods",
+        "iptables",
+        "ebpf+hbone",
+        "ebpf+quic",
+        "iptables+hbone",
+    ]
+    .iter()
+    .position(|m| *m == mode)
+    .unwrap_or(usize::MAX)
+}
+
 fn main() -> Result<()> {
+    // RUST_LOG=redirect_user=debug shows the proxies' logs.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let started = Instant::now();
     let quick = std::env::args().any(|a| a == "--quick");
+    // MESH_MODES=ebpf+hbone,iptables+hbone: only these rows (all by default).
+    let only = std::env::var("MESH_MODES").ok();
+    let want = |mode: &str| {
+        only.as_ref()
+            .is_none_or(|o| o.split(',').any(|m| m.trim() == mode))
+    };
     let plan = if quick {
         Plan {
-            seconds: 2.0,
-            concurrency: vec![1, 8],
+            seconds: 1.5,
+            concurrency: vec![1, 8, 32],
             latency_requests: 5_000,
             bulk_bytes: 1 << 30,
             bulk_runs: 1,
+            tool_seconds: 2,
+            wrk_connections: 32,
         }
     } else {
         Plan {
@@ -449,20 +898,56 @@ fn main() -> Result<()> {
             latency_requests: 20_000,
             bulk_bytes: 2 << 30,
             bulk_runs: 3,
+            tool_seconds: 5,
+            wrk_connections: 32,
         }
     };
     let mut m = Mesh::new("rmesh", &[("a", 10), ("b", 11)])?;
+    // The CA of the HBONE rows and the tools' files; removed at the end, on failure too.
+    let dir = std::env::temp_dir().join(format!("{}-mesh", m.base()));
+    std::fs::create_dir_all(&dir)?;
+    let _dir = RemoveDir(dir.clone());
+    let ca = Arc::new(LocalCa::open_or_create(&dir.join("ca"))?);
+    let tools = Tools::find(dir, &m.host("a").name, &m.host("b").name)?;
     for p in ["a", "b"] {
         tune_for_load(&m.ns(p))?;
     }
-    let (ns_a, b_ip) = (Arc::new(m.ns("a")), m.host("b").addr(false));
+    let (ns_a, ns_b, b_ip) = (Arc::new(m.ns("a")), m.ns("b"), m.host("b").addr(false));
+    // The proxies run on the fixture's runtime (2 workers: a proxy process of its own,
+    // as an external proxy is); the apps of pod b and our load each on another.
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    };
+    let (apps, load) = (runtime()?, runtime()?);
     {
-        let _g = m.rt.enter();
-        start_servers(&m.ns("b"), b_ip)?;
+        let _g = apps.enter();
+        start_servers(&ns_b, b_ip)?;
     }
+    // A mode that fails is reported and left out; the others go on.
     let mut rows = Vec::new();
+    let mut failed = Vec::new();
+    let mut run = |mode: &str, rows: &mut Vec<Figures>| match measure_mode(
+        &load,
+        mode,
+        ns_a.clone(),
+        &ns_b,
+        b_ip,
+        &plan,
+        &tools,
+    ) {
+        Ok(f) => rows.push(f),
+        Err(e) => {
+            eprintln!("{mode}: FAILED: {e:#}");
+            failed.push(format!("{mode} ({e:#})"));
+        }
+    };
 
-    rows.push(m.rt.block_on(measure("direct", ns_a.clone(), b_ip, &plan))?);
+    if want("direct") {
+        run("direct", &mut rows);
+    }
 
     // ebpf first: the netfilter run leaves conntrack and nat hooks registered in the
     // pods (emptied tables stay), which would weigh on whatever runs after it.
@@ -470,8 +955,10 @@ fn main() -> Result<()> {
     for p in ["a", "b"] {
         m.enrol(p, PodOptions::default())?;
     }
-    rows.push(m.rt.block_on(measure("ebpf", ns_a.clone(), b_ip, &plan))?);
-    if !quick {
+    if want("ebpf") {
+        run("ebpf", &mut rows);
+    }
+    if !quick && want("ebpf +500 pods") {
         // The per-packet path is a few hash lookups: it must not grow with the pods.
         let extra: Vec<String> = (0..500).map(|i| format!("x{i}")).collect();
         for (i, name) in extra.iter().enumerate() {
@@ -483,10 +970,7 @@ fn main() -> Result<()> {
             m.engine
                 .enrol(name, &ns, &PodOptions::default(), &Default::default())?;
         }
-        let mut f =
-            m.rt.block_on(measure("ebpf, 500 more pods", ns_a.clone(), b_ip, &plan))?;
-        f.mode = "ebpf +500 pods".into();
-        rows.push(f);
+        run("ebpf +500 pods", &mut rows);
         for name in &extra {
             m.engine.unenrol(name)?;
         }
@@ -495,36 +979,99 @@ fn main() -> Result<()> {
         m.unenrol(p)?;
     }
 
-    // iptables: the in-pod rules in both pods, the relay behind them.
+    // The full data path behind the engine: QUIC first, as a stopped pod proxy's UDP
+    // 15009 endpoint stays open while its idle tunnels do (they never carry QUIC after).
+    for (mode, transport) in [
+        ("ebpf+quic", DefaultTransport::Quic),
+        ("ebpf+hbone", DefaultTransport::Tcp),
+    ] {
+        if !want(mode) {
+            continue;
+        }
+        let mesh = proxy_mesh(&ca, transport);
+        for p in ["a", "b"] {
+            m.enrol_mesh(p, PodOptions::default(), &mesh)?;
+        }
+        run(mode, &mut rows);
+        for p in ["a", "b"] {
+            m.unenrol(p)?;
+        }
+    }
+
+    // iptables: the in-pod rules in both pods, the same proxy behind them: the bare
+    // relay, then the full data path.
     let v6 = netfilter::rules_v6();
-    let mut relays = Vec::new();
-    for p in ["a", "b"] {
-        netfilter::enrol(&m.ns(p), &v6)?;
-        let l = PodListeners::open(&m.ns(p), false)?;
-        let _g = m.rt.enter();
-        relays.push(Relay::start(p, m.ns(p), l, None)?);
-    }
-    rows.push(m.rt.block_on(measure("iptables", ns_a.clone(), b_ip, &plan))?);
-    for r in relays.drain(..) {
-        m.rt.block_on(r.stop());
-    }
-    for p in ["a", "b"] {
-        netfilter::unenrol(&m.ns(p))?;
+    for (mode, mesh) in [
+        ("iptables", None),
+        (
+            "iptables+hbone",
+            Some(proxy_mesh(&ca, DefaultTransport::Tcp)),
+        ),
+    ] {
+        if !want(mode) {
+            continue;
+        }
+        let mut relays = Vec::new();
+        for p in ["a", "b"] {
+            netfilter::enrol(&m.ns(p), &v6)?;
+            let l = PodListeners::open(&m.ns(p), false)?;
+            let _g = m.rt.enter();
+            relays.push(match &mesh {
+                None => Relay::start(p, m.ns(p), l, None)?,
+                Some(mesh) => {
+                    let pod = mesh.pod(m.workload(p), m.ns(p))?;
+                    Relay::start_mesh(p, m.ns(p), l, None, pod)?
+                }
+            });
+        }
+        run(mode, &mut rows);
+        for r in relays.drain(..) {
+            m.rt.block_on(r.stop());
+        }
+        for p in ["a", "b"] {
+            if let Some(mesh) = &mesh {
+                mesh.forget(p);
+            }
+            netfilter::unenrol(&m.ns(p))?;
+        }
     }
 
     // external: a proxy binary the user built, under our agent and engine.
-    if let Ok(bin) = std::env::var("EXTERNAL_PROXY") {
-        rows.push(external(&m, &bin, ns_a.clone(), b_ip, &plan)?);
+    if let Ok(bin) = std::env::var("EXTERNAL_PROXY")
+        && want("external")
+    {
+        match external(&m, &bin, ns_a.clone(), b_ip, &plan, &tools, &load) {
+            Ok(f) => rows.push(f),
+            Err(e) => {
+                eprintln!("external: FAILED: {e:#}");
+                failed.push(format!("external ({e:#})"));
+            }
+        }
     }
+    rows.sort_by_key(|r| rank(&r.mode));
 
     let md = table(&rows);
+    let failures = if failed.is_empty() {
+        String::new()
+    } else {
+        format!("Failed, left out: {}.\n\n", failed.join("; "))
+    };
     let header = format!(
-        "Redirection alone: pods a -> b on one node, IPv4, the bare TCP relay as the proxy of ebpf and iptables (external: the given proxy under our agent and engine), {} s per rate point{}.\n\n",
+        "Pods a -> b on one node, IPv4. ebpf and iptables: the same proxy behind this engine or the in-pod rule set, as a bare TCP relay (redirection alone) or as the full data path (+hbone: HBONE, mutual TLS and HTTP/2 CONNECT, a's 15001 -> b's 15008; +quic: our QUIC transport); external: the given proxy under our agent and engine. The `vs iptables` ratios of the +hbone and +quic rows are against iptables+hbone. Our load: {} s per rate point{}{}.\n\n",
         plan.seconds,
+        if tools.iperf3 || tools.wrk {
+            format!(
+                "; iperf3 and wrk (one thread): {} s per run",
+                plan.tool_seconds
+            )
+        } else {
+            String::new()
+        },
         if quick { " (--quick)" } else { "" }
     );
+    let header = format!("{header}{failures}");
     println!("{header}{md}");
-    let out_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out_dir)?;
     std::fs::write(out_dir.join("mesh.md"), format!("{header}{md}"))?;
     std::fs::write(
@@ -532,5 +1079,7 @@ fn main() -> Result<()> {
         serde_json::to_string_pretty(&rows)?,
     )?;
     std::fs::write(out_dir.join("mesh.svg"), svg(&rows))?;
+    eprintln!("mesh bench: {:.0} s", started.elapsed().as_secs_f64());
+    anyhow::ensure!(failed.is_empty(), "failed: {}", failed.join("; "));
     Ok(())
 }

@@ -12,12 +12,15 @@ use std::{
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::PathBuf,
     process::Command,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
-use redirect_user::proxy::relay::Relay;
+use redirect_user::proxy::{
+    registry::{Protocol, Transport, Workload},
+    relay::Relay,
+};
 pub use redirect_user::{
     ebpf::{Engine, EngineConfig, EnrolOutcome, PodOptions, ProxyIdentity},
     netns::Netns,
@@ -36,6 +39,8 @@ pub struct Mesh {
     pub engine: Engine,
     pub pin_dir: PathBuf,
     relays: Mutex<HashMap<String, Relay>>,
+    /// Pods served by a mesh data path ([`Mesh::enrol_mesh`]): the proxy that has them.
+    mesh_pods: Mutex<HashMap<String, Arc<redirect_user::proxy::mesh::Mesh>>>,
     tx: UnboundedSender<AcceptEvent>,
     rx: Mutex<UnboundedReceiver<AcceptEvent>>,
 }
@@ -84,6 +89,7 @@ impl Mesh {
             engine,
             pin_dir,
             relays: Mutex::new(HashMap::new()),
+            mesh_pods: Mutex::new(HashMap::new()),
             tx,
             rx: Mutex::new(rx),
         })
@@ -123,10 +129,58 @@ impl Mesh {
         Ok(out)
     }
 
-    /// Stops the pod's proxy: its listeners close, the pod stays enrolled.
+    /// The workload of pod `name` as a mesh proxy registers it: namespace `default`,
+    /// service account `sa-<name>`, both addresses, HBONE, enrolled on this node.
+    pub fn workload(&self, name: &str) -> Workload {
+        let h = self.host(name);
+        Workload {
+            uid: name.into(),
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: format!("sa-{name}"),
+            trust_domain: None,
+            ips: vec![h.v4.into(), h.v6.into()],
+            protocol: Protocol::Hbone,
+            transport: Transport::Tcp,
+            node: "node1".into(),
+            services: Vec::new(),
+            local: true,
+        }
+    }
+
+    /// Like [`Mesh::enrol`], with `mesh`'s full data path behind the listeners (HBONE
+    /// on 15001 and 15008) instead of the bare relay; the pod is registered in `mesh`
+    /// as [`Mesh::workload`] until its proxy stops.
+    pub fn enrol_mesh(
+        &self,
+        name: &str,
+        options: PodOptions,
+        mesh: &Arc<redirect_user::proxy::mesh::Mesh>,
+    ) -> Result<EnrolOutcome> {
+        let ns = self.ns(name);
+        let listeners = PodListeners::open(&ns, options.dns_capture)?;
+        let out = self
+            .engine
+            .enrol(name, &ns, &options, &listeners.sockets())?;
+        let _guard = self.rt.enter();
+        let pod = mesh.pod(self.workload(name), ns.try_clone()?)?;
+        let relay = Relay::start_mesh(name, ns, listeners, Some(self.tx.clone()), pod)?;
+        self.relays.lock().unwrap().insert(name.into(), relay);
+        self.mesh_pods
+            .lock()
+            .unwrap()
+            .insert(name.into(), mesh.clone());
+        Ok(out)
+    }
+
+    /// Stops the pod's proxy: its listeners close, the pod stays enrolled (and leaves
+    /// the registry of the mesh proxy that served it, if any).
     pub fn stop_proxy(&self, name: &str) {
         if let Some(r) = self.relays.lock().unwrap().remove(name) {
             self.rt.block_on(r.stop());
+        }
+        if let Some(mesh) = self.mesh_pods.lock().unwrap().remove(name) {
+            mesh.forget(name);
         }
     }
 
@@ -170,6 +224,7 @@ impl Drop for Mesh {
         for r in relays {
             self.rt.block_on(r.stop());
         }
+        self.mesh_pods.lock().unwrap().clear();
         for p in self.engine.pods() {
             let _ = self.engine.unenrol(&p.uid);
         }

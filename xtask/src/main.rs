@@ -30,7 +30,8 @@ enum Task {
     Build,
     /// Run the demo: namespaces, programs and traffic on this machine's kernel.
     Demo,
-    /// Measure, side by side in one run (results in target/bench/).
+    /// Measure, side by side in one run (results in target/bench/; installs iperf3 and
+    /// wrk, the load tools of the mesh bench, if missing).
     Bench {
         /// The short variant (fewer pods).
         #[arg(long)]
@@ -79,6 +80,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Task::Bench { quick } => {
             setup::all()?;
+            setup::bench_tools();
             build_ebpf(true)?;
             for bench in ["enrol", "mesh"] {
                 let mut a = vec!["bench", "-p", "redirect-tests", "--bench", bench, "--"];

@@ -18,6 +18,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
 ];
 
+/// The load tools of the mesh bench (`tests/benches/mesh.rs`). Optional: without them
+/// the bench leaves out their columns.
+const BENCH_PACKAGES: &[(&str, &str)] = &[("iperf3", "iperf3"), ("wrk", "wrk")];
+
 pub fn all() -> Result<()> {
     root()?;
     apt()?;
@@ -47,6 +51,18 @@ fn have(bin: &str) -> bool {
 
 fn apt() -> Result<()> {
     apt_install(APT_PACKAGES)
+}
+
+/// Installs the bench's load tools if missing; if that fails, says so in one line and
+/// goes on (the bench runs without them).
+pub fn bench_tools() {
+    if let Err(e) = apt_install(BENCH_PACKAGES) {
+        let why = format!("{e:#}");
+        println!(
+            "xtask: iperf3/wrk not installed ({}): the mesh bench goes on without their columns",
+            why.lines().next().unwrap_or_default()
+        );
+    }
 }
 
 fn apt_install(packages: &[(&str, &str)]) -> Result<()> {
