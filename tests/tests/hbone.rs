@@ -583,3 +583,24 @@ fn the_quic_transport_carries_pod_to_pod_over_udp_only() -> Result<()> {
     assert!(ask(&c.ns("b1"), c.addr("a1", false, APP_PORT), "back")?.starts_with("a1 from"));
     Ok(())
 }
+
+#[test]
+fn idle_tunnels_survive_keepalive_pings() -> Result<()> {
+    let c = Cluster::new("hbka", PODS)?;
+    // Pings every 300 ms on b1's node: a tunnel idle for many of them must live on.
+    c.node(2).set_keepalive(Duration::from_millis(300));
+    let to = c.addr("b1", false, APP_PORT);
+    let mut s = c
+        .ns("a1")
+        .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(3)))??;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut r = BufReader::new(s.try_clone()?);
+    for round in 0..3 {
+        writeln!(s, "round {round}")?;
+        let mut l = String::new();
+        r.read_line(&mut l)?;
+        assert!(l.trim_end().ends_with(&format!("round {round}")), "{l:?}");
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    Ok(())
+}

@@ -52,7 +52,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Larger request headers are refused (the stream is reset, the connection lives).
 pub const MAX_HEADER_LIST: u32 = 16 << 10;
-const KEEPALIVE: Duration = Duration::from_secs(30);
+/// How often the server pings a connection; a ping unanswered for as long (at most 10 s)
+/// closes it.
+pub const KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Why an inbound CONNECT is refused, with the status it gets.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -493,6 +495,10 @@ pub trait Inbound: Send + Sync + 'static {
     ) -> impl Future<Output = Result<TcpStream, Refusal>> + Send;
     /// The pod, for logs.
     fn pod(&self) -> &str;
+    /// How often connections are pinged.
+    fn keepalive(&self) -> Duration {
+        KEEPALIVE
+    }
 }
 
 /// Serves one accepted connection on 15008: TLS with the pod's identity, then HTTP/2;
@@ -537,9 +543,23 @@ pub async fn serve<I: Inbound>(
         }
     };
     let peer_id = peer_id.map(Arc::new);
-    let mut ping = conn.ping_pong();
-    let mut keepalive = tokio::time::interval(KEEPALIVE);
-    keepalive.tick().await;
+    // Pings run beside the connection, which must go on being driven (by `accept`) for
+    // the pong to be read at all.
+    let dead = Arc::new(tokio::sync::Notify::new());
+    let pinger = conn.ping_pong().map(|mut p| {
+        let (every, dead) = (inbound.keepalive(), dead.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let wait = every.min(HANDSHAKE_TIMEOUT);
+                let pong = tokio::time::timeout(wait, p.ping(h2::Ping::opaque())).await;
+                if !matches!(pong, Ok(Ok(_))) {
+                    dead.notify_one();
+                    return;
+                }
+            }
+        })
+    });
     loop {
         tokio::select! {
             next = conn.accept() => {
@@ -557,16 +577,14 @@ pub async fn serve<I: Inbound>(
                     stream(&*inbound, req, respond, arrived_at, peer, peer_id.as_deref()).await;
                 });
             }
-            _ = keepalive.tick() => {
-                if let Some(p) = ping.as_mut() {
-                    let pong = tokio::time::timeout(HANDSHAKE_TIMEOUT, p.ping(h2::Ping::opaque())).await;
-                    if !matches!(pong, Ok(Ok(_))) {
-                        info!(pod = inbound.pod(), %peer, "hbone: peer did not answer a ping, connection closed");
-                        break;
-                    }
-                }
+            () = dead.notified() => {
+                info!(pod = inbound.pod(), %peer, "hbone: peer did not answer a ping, connection closed");
+                break;
             }
         }
+    }
+    if let Some(p) = pinger {
+        p.abort();
     }
     Ok(())
 }

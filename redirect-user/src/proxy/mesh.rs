@@ -40,6 +40,8 @@ pub struct Mesh {
     pub pool: Pool,
     pub quic: QuicTransport,
     pub transport: DefaultTransport,
+    /// How often inbound tunnel connections are pinged, in milliseconds.
+    keepalive_ms: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -59,7 +61,16 @@ impl Mesh {
             tls,
             registry,
             transport,
+            keepalive_ms: (hbone::KEEPALIVE.as_millis() as u64).into(),
         })
+    }
+
+    /// Changes how often inbound tunnel connections are pinged (default 30 s).
+    pub fn set_keepalive(&self, every: std::time::Duration) {
+        self.keepalive_ms.store(
+            every.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// The identity a workload presents.
@@ -217,5 +228,13 @@ impl hbone::Inbound for PodMesh {
 
     fn pod(&self) -> &str {
         &self.uid
+    }
+
+    fn keepalive(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.mesh
+                .keepalive_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 }
