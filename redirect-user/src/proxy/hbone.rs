@@ -223,7 +223,8 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    tokio::io::copy_bidirectional_with_sizes(a, b, 256 << 10, 256 << 10).await
+    // 64 KiB: a few TLS records per read; larger buffers cost a memset per connection.
+    tokio::io::copy_bidirectional_with_sizes(a, b, 64 << 10, 64 << 10).await
 }
 
 // ---------------------------------------------------------------------------------------
