@@ -284,7 +284,6 @@ pub struct Outbound<'a> {
 pub struct Pool {
     tls: Tls,
     slots: Mutex<HashMap<PoolKey, Slot>>,
-    configs: Mutex<HashMap<(Identity, Identity), Arc<rustls::ClientConfig>>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -300,7 +299,6 @@ impl Pool {
         Self {
             tls,
             slots: Mutex::new(HashMap::new()),
-            configs: Mutex::new(HashMap::new()),
         }
     }
 
@@ -320,16 +318,6 @@ impl Pool {
                     .unwrap_or(0)
             })
             .sum()
-    }
-
-    fn client_config(&self, src: &Identity, dst: &Identity) -> Arc<rustls::ClientConfig> {
-        let mut c = self.configs.lock().unwrap();
-        c.entry((src.clone(), dst.clone()))
-            .or_insert_with(|| {
-                self.tls
-                    .client_config(src, std::slice::from_ref(dst), super::identity::ALPN_H2)
-            })
-            .clone()
     }
 
     /// Opens one stream to `o.target` through the peer's 15008; returns once the peer
@@ -402,7 +390,11 @@ impl Pool {
         )
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connecting to the HBONE peer"))??;
-        let connector = tokio_rustls::TlsConnector::from(self.client_config(o.src, o.dst));
+        // Built once per (source, destination) pair and cached by `Tls`.
+        let config =
+            self.tls
+                .client_config(o.src, std::slice::from_ref(o.dst), super::identity::ALPN_H2);
+        let connector = tokio_rustls::TlsConnector::from(config);
         // No SNI is sent (the config disables it); the name is a placeholder.
         let name = rustls::pki_types::ServerName::IpAddress(o.tunnel.ip().into());
         let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
