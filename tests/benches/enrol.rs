@@ -22,8 +22,8 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+fn rss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -61,7 +61,6 @@ fn measure(pods: usize) -> Result<Row> {
     // Creating hundreds of namespaces leaves the kernel busy for a while (IPv6 address
     // configuration among others); both sides are measured once it has settled.
     std::thread::sleep(settle(pods));
-    let rss_before = rss_kib();
     let mut ebpf = Vec::with_capacity(pods);
     let all = Instant::now();
     for (i, (ns, l)) in nss.iter().zip(&listeners).enumerate() {
@@ -70,11 +69,11 @@ fn measure(pods: usize) -> Result<Row> {
         ebpf.push(t.elapsed());
     }
     let ebpf_total = all.elapsed();
-    let rss_per_pod_kib = rss_kib().saturating_sub(rss_before) as f64 / pods as f64;
     for i in 0..pods {
         engine.unenrol(&format!("p{i}"))?;
     }
     drop(listeners);
+    let rss_per_pod_kib = agent_rss_per_pod(&topo, pods)?;
 
     let v6 = netfilter::rules_v6();
     let mut ipt = Vec::with_capacity(pods);
@@ -102,6 +101,54 @@ fn measure(pods: usize) -> Result<Row> {
     })
 }
 
+/// The memory a real node agent process (`redirect-user node-agent`, no proxy
+/// connected) holds per enrolled pod: its resident set before and after `pod add` of
+/// every pod through the control socket, divided by the pods. The pods are deleted
+/// again through the agent.
+fn agent_rss_per_pod(topo: &Topology, pods: usize) -> Result<f64> {
+    use redirect_tests::process::{Proc, RemoveDir, cli, pod_add, wait_for};
+    let base = format!("rbench-agent-{}-{pods}", std::process::id());
+    let dir = std::env::temp_dir().join(&base);
+    let pin = format!("/sys/fs/bpf/{base}");
+    let _cleanup = (RemoveDir(dir.clone()), RemoveDir(pin.clone().into()));
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.to_string_lossy().into_owned();
+    let sock = format!("{d}/zds.sock");
+    let agent = Proc::spawn(
+        &[
+            "node-agent",
+            "--socket",
+            &sock,
+            "--state-dir",
+            &d,
+            "--pin-dir",
+            &pin,
+        ],
+        &dir.join("agent.log"),
+    );
+    wait_for("agent control socket", 15, || {
+        dir.join("control.sock").exists()
+    });
+    let pid = agent.pid().to_string();
+    let before = rss_kib(&pid);
+    for i in 0..pods {
+        pod_add(&d, &topo.host(&format!("p{i}")).path(), &format!("p{i}"))?;
+    }
+    let after = rss_kib(&pid);
+    for i in 0..pods {
+        cli(&[
+            "pod",
+            "del",
+            "--state-dir",
+            &d,
+            "--uid",
+            &format!("uid-p{i}"),
+        ])?;
+    }
+    drop(agent);
+    Ok(after.saturating_sub(before) as f64 / pods as f64)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -117,7 +164,7 @@ fn main() -> Result<()> {
     let out_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out_dir)?;
     let mut md = String::from(
-        "| pods | eBPF p50 (ms) | eBPF p99 (ms) | eBPF total (ms) | iptables p50 (ms) | iptables p99 (ms) | iptables total (ms) | p50 ratio | agent RSS per pod (KiB) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| pods | eBPF p50 (ms) | eBPF p99 (ms) | eBPF total (ms) | iptables p50 (ms) | iptables p99 (ms) | iptables total (ms) | p50 ratio | agent RSS per pod (KiB)¹ |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut json = Vec::new();
     for &n in sizes {
@@ -153,6 +200,10 @@ fn main() -> Result<()> {
          (maps, sk_lookup link, rule and routes, tc filters). iptables: the in-pod rule set \
          with `{}` and ip6tables-restore, plus the rule and routes over netlink.\n\n",
         String::from_utf8_lossy(&ipt.stdout).trim()
+    );
+    md.push_str(
+        "\n¹ resident memory of a `redirect-user node-agent` process (no proxy connected) \
+         after `pod add` of every pod, minus before, per pod.\n",
     );
     println!("{header}{md}");
     std::fs::write(out_dir.join("enrol.md"), format!("{header}{md}"))?;

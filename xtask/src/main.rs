@@ -82,6 +82,8 @@ fn run(cli: Cli) -> Result<()> {
             setup::all()?;
             setup::bench_tools();
             build_ebpf(true)?;
+            // The enrolment bench measures the real agent process's memory.
+            cargo(&["build", "--release", "-p", "redirect-user"])?;
             for bench in ["enrol", "mesh"] {
                 let mut a = vec!["bench", "-p", "redirect-tests", "--bench", bench, "--"];
                 if quick {
