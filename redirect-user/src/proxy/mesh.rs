@@ -84,8 +84,7 @@ impl Mesh {
         Identity::new(td, &w.namespace, sa)
     }
 
-    /// Registers an enrolled pod (its addresses read from its namespace) and returns its
-    /// mesh side.
+    /// Registers an enrolled pod and returns its mesh side (its QUIC endpoint serving).
     /// Call inside a tokio runtime. The registry entry stays until [`Mesh::forget`].
     pub fn pod(self: &Arc<Self>, workload: Workload, netns: Netns) -> io::Result<Arc<PodMesh>> {
         let identity = self.identity_of(&workload);
@@ -105,9 +104,7 @@ impl Mesh {
         pod.quic.serve(Arc::downgrade(&pod));
         Ok(pod)
     }
-}
 
-impl Mesh {
     /// A pod left this proxy: its workload leaves the registry.
     pub fn forget(&self, uid: &str) {
         self.registry.remove_local(uid);
