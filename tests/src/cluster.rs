@@ -98,16 +98,7 @@ pub struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let relays: Vec<Relay> = self
-            .relays
-            .lock()
-            .unwrap()
-            .drain()
-            .map(|(_, r)| r)
-            .collect();
-        for r in relays {
-            self.rt.block_on(r.stop());
-        }
+        crate::stop_relays(&self.rt, &self.relays);
         self.pods.lock().unwrap().clear();
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }

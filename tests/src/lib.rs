@@ -212,18 +212,17 @@ impl Mesh {
     }
 }
 
+/// Stops every relay in `relays` (their listeners are closed on return).
+pub(crate) fn stop_relays(rt: &tokio::runtime::Runtime, relays: &Mutex<HashMap<String, Relay>>) {
+    let all: Vec<Relay> = relays.lock().unwrap().drain().map(|(_, r)| r).collect();
+    for r in all {
+        rt.block_on(r.stop());
+    }
+}
+
 impl Drop for Mesh {
     fn drop(&mut self) {
-        let relays: Vec<Relay> = self
-            .relays
-            .lock()
-            .unwrap()
-            .drain()
-            .map(|(_, r)| r)
-            .collect();
-        for r in relays {
-            self.rt.block_on(r.stop());
-        }
+        stop_relays(&self.rt, &self.relays);
         self.mesh_pods.lock().unwrap().clear();
         for p in self.engine.pods() {
             let _ = self.engine.unenrol(&p.uid);
