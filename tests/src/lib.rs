@@ -371,10 +371,13 @@ pub fn check_pattern(r: &mut impl Read, bytes: usize, seed: u8) -> std::io::Resu
     let mut buf = vec![0u8; 64 * 1024];
     let mut i = 0;
     loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            // A signal for another thread of the test process (a child exiting).
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         for (k, b) in buf[..n].iter().enumerate() {
             if *b != pattern_byte(i + k, seed) {
                 return Err(std::io::Error::other(format!("byte {} differs", i + k)));
