@@ -74,6 +74,12 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// Writes `value` to `/proc/sys/<key>` inside the namespace `ns`.
+/// An IPv4 and an IPv6 address (without duplicate address detection) on `dev` in `ns`.
+fn add_addrs(ns: &str, dev: &str, v4: &str, v6: &str) -> Result<()> {
+    ip(&["-n", ns, "addr", "add", v4, "dev", dev])?;
+    ip(&["-n", ns, "addr", "add", v6, "dev", dev, "nodad"])
+}
+
 /// No duplicate address detection on the namespace's interfaces to come, link-local
 /// addresses included: a router whose link-local address is still tentative cannot
 /// resolve its IPv6 neighbours (about 2 s lost on the first connection).
@@ -123,17 +129,7 @@ impl Topology {
             let (v4, v6) = t.wire_addrs(k);
             let (peer4, peer6) = t.wire_addrs(other);
             let (net4, net6) = t.pod_nets(other);
-            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", WIRE])?;
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{v6}/64"),
-                "dev",
-                WIRE,
-                "nodad",
-            ])?;
+            add_addrs(ns, WIRE, &format!("{v4}/24"), &format!("{v6}/64"))?;
             ip(&["-n", ns, "link", "set", WIRE, "up"])?;
             ip(&[
                 "-n",
@@ -193,17 +189,7 @@ impl Topology {
         ip(&["-n", &ns, "link", "set", "br0", "up"])?;
         if self.routed {
             let (v4, v6) = self.gateway(k).expect("routed node");
-            ip(&["-n", &ns, "addr", "add", &format!("{v4}/24"), "dev", "br0"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{v6}/64"),
-                "dev",
-                "br0",
-                "nodad",
-            ])?;
+            add_addrs(&ns, "br0", &format!("{v4}/24"), &format!("{v6}/64"))?;
             sysctl(&ns, "net/ipv4/ip_forward", "1")?;
             sysctl(&ns, "net/ipv6/conf/all/forwarding", "1")?;
         }
@@ -273,25 +259,7 @@ impl Topology {
         ])?;
         ip(&["-n", &node_ns, "link", "set", &port, "master", "br0", "up"])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{v4}/{plen4}"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{v6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
+        add_addrs(&ns, "eth0", &format!("{v4}/{plen4}"), &format!("{v6}/64"))?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         if let Some((gw4, gw6)) = self.gateway(node) {
             ip(&[

@@ -111,21 +111,8 @@ fn agent_rss_per_pod(topo: &Topology, pods: usize) -> Result<f64> {
     let dir = std::env::temp_dir().join(&base);
     let pin = format!("/sys/fs/bpf/{base}");
     let _cleanup = (RemoveDir(dir.clone()), RemoveDir(pin.clone().into()));
-    std::fs::create_dir_all(&dir)?;
     let d = dir.to_string_lossy().into_owned();
-    let sock = format!("{d}/zds.sock");
-    let agent = Proc::spawn(
-        &[
-            "node-agent",
-            "--socket",
-            &sock,
-            "--state-dir",
-            &d,
-            "--pin-dir",
-            &pin,
-        ],
-        &dir.join("agent.log"),
-    );
+    let agent = Proc::node_agent(&dir, &pin, &dir.join("agent.log"));
     wait_for("agent control socket", 15, || {
         dir.join("control.sock").exists()
     });

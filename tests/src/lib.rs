@@ -616,6 +616,29 @@ pub mod process {
             Proc(child)
         }
 
+        /// `redirect-user node-agent` with its socket and state in `dir` (created) and
+        /// its pinned state in `pin`; returns once its protocol socket exists. The
+        /// socket is `<dir>/zds.sock`.
+        pub fn node_agent(dir: &Path, pin: &str, log: &Path) -> Proc {
+            std::fs::create_dir_all(dir).unwrap();
+            let d = dir.to_str().unwrap();
+            let sock = dir.join("zds.sock");
+            let p = Proc::spawn(
+                &[
+                    "node-agent",
+                    "--socket",
+                    sock.to_str().unwrap(),
+                    "--state-dir",
+                    d,
+                    "--pin-dir",
+                    pin,
+                ],
+                log,
+            );
+            wait_for("agent socket", 15, || sock.exists());
+            p
+        }
+
         pub fn pid(&self) -> i32 {
             self.0.id() as i32
         }

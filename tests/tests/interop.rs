@@ -69,24 +69,7 @@ fn upstream_proxy_under_our_agent() {
     )
     .unwrap();
 
-    let agent_log = std::fs::File::create(dir.join("agent.log")).unwrap();
-    let _agent = Proc(
-        Command::new(redirect_user_bin().unwrap())
-            .args([
-                "node-agent",
-                "--socket",
-                &sock,
-                "--state-dir",
-                &d,
-                "--pin-dir",
-                &pin,
-            ])
-            .stdout(Stdio::null())
-            .stderr(agent_log)
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("agent socket", 15, || Path::new(&sock).exists());
+    let _agent = Proc::node_agent(&dir, &pin, &dir.join("agent.log"));
     let node = m.topo.node().to_string();
     let zt = ztunnel(&bin, &node, &sock, &workloads, &dir.join("ztunnel.log"));
     let netns = m.host("a").path();
@@ -179,19 +162,7 @@ fn upstream_proxy_hbone_both_directions() {
     let sock = format!("{d}/zds.sock");
     let pin = format!("{}-node2", c.pin_dir().display());
     let _rm_pin = RemoveDir(PathBuf::from(&pin));
-    let _agent = Proc::spawn(
-        &[
-            "node-agent",
-            "--socket",
-            &sock,
-            "--state-dir",
-            &d,
-            "--pin-dir",
-            &pin,
-        ],
-        &c.path("agent2.log"),
-    );
-    wait_for("agent socket", 15, || Path::new(&sock).exists());
+    let _agent = Proc::node_agent(Path::new(&d), &pin, &c.path("agent2.log"));
     let node2 = c.topo.node_ns(2).to_string();
     let log = c.path("ztunnel.log");
     let _zt = Proc(

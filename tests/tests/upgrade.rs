@@ -4,7 +4,7 @@
 //! from the first (upgrade) and while the agent is killed and restarted.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -81,18 +81,7 @@ fn upgrade_and_agent_restart_under_a_connection_loop() {
     let ca = format!("{d}/ca");
     let pin = format!("/sys/fs/bpf/{base}-node");
     let _pins = RemoveDir(pin.clone().into());
-    let agent_args = [
-        "node-agent",
-        "--socket",
-        &sock,
-        "--state-dir",
-        &d,
-        "--pin-dir",
-        &pin,
-    ];
-
-    let mut agent = Proc::spawn(&agent_args, &dir.join("agent.log"));
-    wait_for("agent socket", 10, || Path::new(&sock).exists());
+    let mut agent = Proc::node_agent(&dir, &pin, &dir.join("agent.log"));
     let mut v1 = Proc::spawn(
         &[
             "proxy",
@@ -145,7 +134,7 @@ fn upgrade_and_agent_restart_under_a_connection_loop() {
     std::thread::sleep(Duration::from_millis(200));
     agent.signal(libc::SIGKILL);
     std::thread::sleep(Duration::from_millis(300));
-    let _agent2 = Proc::spawn(&agent_args, &dir.join("agent2.log"));
+    let _agent2 = Proc::node_agent(&dir, &pin, &dir.join("agent2.log"));
     wait_for("pod ready again after the agent restart", 10, || {
         ready_with(&d, "uid-a") == Some(v2.pid() as i64)
     });
