@@ -11,11 +11,16 @@ use anyhow::{Context, Result, bail};
 /// built against its own LLVM.
 pub const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the demo, tests and inspection use.
+/// Programs the demo, tests and inspection start, with the Debian package of each.
+/// iptables is not a dependency of the engine: the tests and the enrolment bench run
+/// the netfilter rule set it replaces, side by side with it.
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
+    ("tc", "iproute2"),
     ("bpftool", "bpftool"),
     ("ping", "iputils-ping"),
+    ("iptables-restore", "iptables"),
+    ("ip6tables-restore", "iptables"),
 ];
 
 /// The load tools of the mesh bench (`tests/benches/mesh.rs`). Optional: without them
@@ -66,11 +71,12 @@ pub fn bench_tools() {
 }
 
 fn apt_install(packages: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = packages
+    let mut missing: Vec<&str> = packages
         .iter()
         .filter(|(bin, _)| !have(bin))
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
@@ -215,4 +221,123 @@ fn bpffs() -> Result<()> {
         Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]),
         "mount bpffs",
     )
+}
+
+/// Programs every machine of this kind has before any setup: the shell, the Rust
+/// toolchain (rustup), the package manager, coreutils and util-linux.
+#[cfg(test)]
+const BASE_PROGRAMS: &[&str] = &[
+    "sh", "cargo", "rustup", "rustc", "apt-get", "mount", "cat", "sleep",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every program name the workspace's code starts, as it names them: `Command::new("x")`,
+    /// `ip netns exec NS x`, and the netfilter fixture's `restore_in(ns, "x", …)`.
+    fn started_programs() -> Vec<(String, String)> {
+        let mut found = Vec::new();
+        let root = crate::workspace_root();
+        let mut dirs = vec![root.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = entry.path();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if path.is_dir() {
+                    if !name.starts_with('.') && name != "target" {
+                        dirs.push(path);
+                    }
+                    continue;
+                }
+                // This file's own tests hold example calls.
+                if !name.ends_with(".rs") || path.ends_with("xtask/src/setup.rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                // Whitespace folded so that calls split over lines read as one.
+                let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+                for prog in literals_after(&flat, &["Command::new(\"", "Command::new( \""])
+                    .into_iter()
+                    .chain(third_arg_after(&flat, "\"netns\", \"exec\", "))
+                    .chain(third_arg_after(&flat, "restore_in("))
+                {
+                    found.push((
+                        prog,
+                        path.strip_prefix(&root).unwrap().display().to_string(),
+                    ));
+                }
+            }
+        }
+        found
+    }
+
+    /// The string literal that starts right after each occurrence of a pattern.
+    fn literals_after(text: &str, patterns: &[&str]) -> Vec<String> {
+        let mut out = Vec::new();
+        for pat in patterns {
+            for (i, _) in text.match_indices(pat) {
+                let rest = &text[i + pat.len()..];
+                if let Some(end) = rest.find('"') {
+                    out.push(rest[..end].to_string());
+                }
+            }
+        }
+        out
+    }
+
+    /// For `ip netns exec NS prog` and `restore_in(ns, "prog", …)`: the literal that is
+    /// the second argument after the pattern, when it is a literal.
+    fn third_arg_after(text: &str, pat: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, _) in text.match_indices(pat) {
+            let rest = &text[i + pat.len()..];
+            let Some(comma) = rest.find(", ") else {
+                continue;
+            };
+            let arg = rest[comma + 2..].trim_start();
+            if let Some(lit) = arg.strip_prefix('"')
+                && let Some(end) = lit.find('"')
+            {
+                out.push(lit[..end].to_string());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_program_the_code_starts_is_installed_by_setup() {
+        let installed: Vec<&str> = APT_PACKAGES
+            .iter()
+            .chain(BENCH_PACKAGES)
+            .map(|(bin, _)| *bin)
+            .chain(BASE_PROGRAMS.iter().copied())
+            .collect();
+        let found = started_programs();
+        // The scan must see what it is meant to see, or it proves nothing.
+        for known in ["ip", "iptables-restore", "iperf3", "wrk", "bpftool"] {
+            assert!(
+                found.iter().any(|(p, _)| p == known),
+                "the scan no longer finds {known}: update started_programs"
+            );
+        }
+        let missing: Vec<String> = found
+            .iter()
+            .filter(|(p, _)| !installed.contains(&p.as_str()))
+            .map(|(p, file)| format!("{p} (started in {file})"))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "programs started but not installed by `cargo xtask setup` (add them to \
+             APT_PACKAGES): {missing:?}"
+        );
+    }
+
+    #[test]
+    fn the_scan_reads_each_form() {
+        let t = r#"Command::new("foo").arg(1); cmd.args(["netns", "exec", &ns, "bar", "-x"]); restore_in(ns, "baz", RULES)"#;
+        assert_eq!(literals_after(t, &["Command::new(\""]), ["foo"]);
+        assert_eq!(third_arg_after(t, "\"netns\", \"exec\", "), ["bar"]);
+        assert_eq!(third_arg_after(t, "restore_in("), ["baz"]);
+    }
 }
