@@ -58,23 +58,25 @@ pub mod names {
     pub const POD_ADDRS: &str = "pod_addrs";
     pub const LISTENERS: &str = "listeners";
     pub const FLOWS: &str = "flows";
+    pub const PROXY_FLOWS: &str = "proxy_flows";
     pub const PROXY_CGROUPS: &str = "proxy_cgroups";
     pub const COUNTERS: &str = "counters";
     pub const POD_INDEX: &str = "pod_index";
-    pub const IN_HELPER_LOOKUP: &str = "in_helper_lookup";
+    pub const STEERED: &str = "steered";
     /// aya-log's ring buffer; pinned so that a restarted loader reads the logs of the
     /// programs an earlier run attached.
     pub const LOGS: &str = "AYA_LOGS";
     /// Every map of the object, all pinned.
-    pub const ALL_MAPS: [&str; 9] = [
+    pub const ALL_MAPS: [&str; 10] = [
         PODS,
         POD_ADDRS,
         LISTENERS,
         FLOWS,
+        PROXY_FLOWS,
         PROXY_CGROUPS,
         COUNTERS,
         POD_INDEX,
-        IN_HELPER_LOOKUP,
+        STEERED,
         LOGS,
     ];
     pub const PROG_SK_LOOKUP: &str = "redirect_lookup";
@@ -141,8 +143,6 @@ pub struct FlowKey {
 
 /// `FlowVal::kind`: the pod opened it over lo (parity row 5): leave it alone.
 pub const FLOW_LOCAL: u32 = 1;
-/// It arrived at the pod from outside (rows 1, 2).
-pub const FLOW_INBOUND: u32 = 2;
 /// The pod's app sent it out and tc steered it back in (row 3).
 pub const FLOW_OUTBOUND: u32 = 3;
 /// Like `FLOW_OUTBOUND`, DNS with capture on (row 8).
@@ -183,6 +183,13 @@ pub struct PodCounters {
     pub dropped_spoofed: u64,
     /// Packets the egress program could not steer (helper failure): dropped.
     pub dropped_error: u64,
+    /// TCP from a pod that is not a kernel TCP socket's and could carry data past the
+    /// proxy (fragments, header chains too long to read, hand-built segments with data):
+    /// dropped.
+    pub dropped_unparsable: u64,
+    /// TCP in an enrolled pod to an address that is no pod's, with no note saying why
+    /// (charged to slot 0): dropped.
+    pub dropped_unknown_dst: u64,
 }
 
 impl PodCounters {
@@ -198,6 +205,8 @@ impl PodCounters {
         self.dropped_no_listener += o.dropped_no_listener;
         self.dropped_spoofed += o.dropped_spoofed;
         self.dropped_error += o.dropped_error;
+        self.dropped_unparsable += o.dropped_unparsable;
+        self.dropped_unknown_dst += o.dropped_unknown_dst;
     }
 }
 

@@ -2,10 +2,10 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple,
+        BPF_F_INGRESS, BPF_SK_STORAGE_GET_F_CREATE, TC_ACT_OK, TC_ACT_SHOT, bpf_sock,
         sk_action::{SK_DROP, SK_PASS},
     },
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray, SkStorage},
     helpers::generated as h,
     macros::{btf_map, classifier, sk_lookup},
     programs::{SkLookupContext, TcContext},
@@ -45,11 +45,21 @@ static LISTENERS: SockHashDef = SockHashDef {
     max_entries: core::ptr::null(),
 };
 
-/// New connections as tc saw them: which pod, and which way. sk_lookup cannot learn its
-/// namespace (no netns cookie helper there), tc can; every SYN passes a tc hook first and
-/// rewrites its entry, so an entry is never older than the connection using it.
+/// Hints from tc for what sk_lookup cannot decide from the addresses alone: connections
+/// a pod's app sent out (steered back in: which pod) and connections over a pod's lo.
+/// Only a pod's own sockets write here, never packets from outside. sk_lookup checks each
+/// note against the pod addresses before acting on it, and decides inbound connections
+/// without one, so a lost or planted note can drop a connection but never bypass the
+/// proxy.
 #[btf_map(name = "flows")]
 static FLOWS: LruHashMap<FlowKey, FlowVal, { MAX_FLOWS as usize }> = LruHashMap::new();
+
+/// Connections the proxy opened over a pod's lo (to the app, from the client's address):
+/// sk_lookup leaves them to the kernel (row 6), and tc egress sends the app's replies to
+/// them back into the pod. Only the proxy's own sockets write here, so no app can turn
+/// these notes over.
+#[btf_map(name = "proxy_flows")]
+static PROXY_FLOWS: LruHashMap<FlowKey, FlowVal, { MAX_FLOWS as usize }> = LruHashMap::new();
 
 /// Cgroup ids whose 0x539-marked sockets are the proxy's (0: any cgroup).
 #[btf_map(name = "proxy_cgroups")]
@@ -64,22 +74,34 @@ static COUNTERS: PerCpuArray<PodCounters, { MAX_PODS as usize }> = PerCpuArray::
 #[btf_map(name = "pod_index")]
 static POD_INDEX: HashMap<PodUid, PodRecord, { MAX_PODS as usize }> = HashMap::new();
 
-/// Set while `redirect_egress` asks the kernel for a socket: that lookup runs
-/// `redirect_lookup` too, which must then stay out of the way.
-#[btf_map(name = "in_helper_lookup")]
-static IN_HELPER_LOOKUP: PerCpuArray<u32, 1> = PerCpuArray::new();
+/// tc egress's decision for an app's TCP socket, taken once (`STEER` or `PASS`): at its
+/// SYN for a connection it opens, at its first packet for one it accepted (a reply to
+/// the proxy, or not). Every later packet follows it without a lookup. Freed with the
+/// socket.
+#[btf_map(name = "steered")]
+static STEERED: SkStorage<u32> = SkStorage::new();
+const STEER: u32 = 1;
+const PASS: u32 = 2;
 
 // ---------------------------------------------------------------------------------
 // Small helpers.
 // ---------------------------------------------------------------------------------
 
-const TCP_LISTEN: u32 = 10;
 const BPF_SK_LOOKUP_F_NO_REUSEPORT: u64 = 2;
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
+const TCP_SYN_SENT: u32 = 2;
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+/// `Packet::proto` when the IPv6 header chain is longer than the walk: it may be TCP.
+const PROTO_UNKNOWN: u32 = 255;
+/// IPv6 extension headers walked before giving up (the packet is then not parsed).
+const MAX_IPV6_EXT: usize = 8;
+/// `note_flow` kind for a local connection of the proxy's own (kept in `PROXY_FLOWS`).
+const FLOW_PROXY: u32 = 0;
 
 #[inline(always)]
 fn count(id: u32, f: impl FnOnce(&mut PodCounters)) {
@@ -137,16 +159,19 @@ fn is_probe(family: u32, a: &[u32; 4]) -> bool {
 
 // ---------------------------------------------------------------------------------
 // sk_lookup: which proxy socket takes a new connection (or DNS datagram).
+//
+// It decides from durable state: the pod addresses say whose a destination is, so a
+// TCP connection to a pod address goes to that pod's 15008 / 15006 whatever tc saw or
+// missed (fragments reassembled after tc, header chains tc could not walk, SYN cookies
+// completed long after the SYN). tc's notes add what the addresses cannot tell: that a
+// connection was sent out by a pod's app (steered back into it) or made over its lo.
 // ---------------------------------------------------------------------------------
 
 #[sk_lookup]
 pub fn redirect_lookup(ctx: SkLookupContext) -> u32 {
-    if IN_HELPER_LOOKUP.get(0).copied().unwrap_or(0) != 0 {
-        return SK_PASS;
-    }
     // SAFETY: the context is the kernel's bpf_sk_lookup for this program type. Each
     // field is read on its own, straight off the context pointer, as the verifier wants.
-    let (key, dport) = unsafe {
+    let key = unsafe {
         let l = ctx.lookup;
         macro_rules! rd {
             ($($f:tt)+) => { core::ptr::read_volatile(core::ptr::addr_of!((*l).$($f)+)) };
@@ -170,42 +195,83 @@ pub fn redirect_lookup(ctx: SkLookupContext) -> u32 {
                 ],
             )
         };
-        let dport = rd!(local_port) as u16;
-        let key = FlowKey {
+        FlowKey {
             family,
             proto: rd!(protocol),
             src,
             dst,
             sport: u16::from_be(rd!(remote_port)),
-            dport,
+            dport: rd!(local_port) as u16,
             _pad: 0,
-        };
-        (key, dport)
-    };
-    // Not a flow tc noted in an enrolled pod (loopback addresses, probes, other
-    // namespaces' traffic): the kernel's own lookup decides.
-    let Some(flow) = (unsafe { FLOWS.get(&key).copied() }) else {
-        return SK_PASS;
-    };
-    let port = match flow.kind {
-        // Row 5: the pod talking to itself, and the proxy reaching the app (row 6).
-        FLOW_LOCAL => {
-            count(flow.pod, |c| c.bypassed_loopback += 1);
-            return SK_PASS;
         }
-        // Rows 1 and 2.
-        FLOW_INBOUND if dport == PORT_TUNNEL => PORT_TUNNEL,
-        FLOW_INBOUND => PORT_INBOUND,
-        // Row 8.
-        FLOW_DNS => PORT_DNS,
-        // Row 3.
-        _ => PORT_OUTBOUND,
     };
+    // Row 5: loopback destinations are never touched.
+    if is_loopback(key.family, &key.dst) {
+        return SK_PASS;
+    }
+    let owner = addr_owner(key.family, &key.dst);
 
+    // The notes, each checked against the addresses: a note written in one pod never
+    // decides for another. Row 6 first: the proxy reaching the app.
+    if let Some(flow) = unsafe { PROXY_FLOWS.get(&key).copied() }
+        && owner.is_none_or(|o| o.netns == flow.netns)
+    {
+        count(flow.pod, |c| c.bypassed_loopback += 1);
+        return SK_PASS;
+    }
+    if let Some(flow) = unsafe { FLOWS.get(&key).copied() } {
+        match flow.kind {
+            // Row 5: the pod talking to itself over lo.
+            FLOW_LOCAL if owner.is_none_or(|o| o.netns == flow.netns) => {
+                count(flow.pod, |c| c.bypassed_loopback += 1);
+                return SK_PASS;
+            }
+            // Row 3 (and 8): sent by the app of the pod whose address is the source.
+            FLOW_OUTBOUND | FLOW_DNS
+                if addr_owner(key.family, &key.src).is_some_and(|s| s.netns == flow.netns) =>
+            {
+                let port = if flow.kind == FLOW_DNS {
+                    PORT_DNS
+                } else {
+                    PORT_OUTBOUND
+                };
+                return assign(&ctx, flow.netns, flow.pod, port, key.proto);
+            }
+            _ => {}
+        }
+    }
+    // Row 9: other UDP (and anything not TCP) is the kernel's.
+    if key.proto != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let Some(pod) = owner else {
+        // TCP steered into an enrolled pod for an address that is no pod's and with no
+        // note to say why: no proxy to give it to, and never the app (fail closed).
+        count(0, |c| c.dropped_unknown_dst += 1);
+        return SK_DROP;
+    };
+    // Row 4: health probes reach the app.
+    if is_probe(key.family, &key.src) {
+        count(pod.pod, |c| c.bypassed_probe += 1);
+        return SK_PASS;
+    }
+    // Rows 1 and 2.
+    let port = if key.dport == PORT_TUNNEL {
+        PORT_TUNNEL
+    } else {
+        PORT_INBOUND
+    };
+    assign(&ctx, pod.netns, pod.pod, port, key.proto)
+}
+
+/// Hands the connection to the pod's proxy socket on `port`; drops it when there is none
+/// (row 11: fail closed).
+#[inline(always)]
+fn assign(ctx: &SkLookupContext, netns: u64, pod: u32, port: u16, proto: u32) -> u32 {
     let lkey = ListenerKey {
-        netns: flow.netns,
+        netns,
         port,
-        proto: key.proto as u16,
+        proto: proto as u16,
         _pad: 0,
     };
     // SAFETY: raw helper calls on a sockhash; the socket reference is released below.
@@ -215,11 +281,10 @@ pub fn redirect_lookup(ctx: SkLookupContext) -> u32 {
             &lkey as *const ListenerKey as *const c_void,
         );
         if sk.is_null() {
-            // Row 11: fail closed.
-            count(flow.pod, |c| c.dropped_no_listener += 1);
+            count(pod, |c| c.dropped_no_listener += 1);
             warn!(
-                &ctx,
-                "redirect: pod {}: no listener on port {}, dropped", flow.pod, port
+                ctx,
+                "redirect: pod {}: no listener on port {}, dropped", pod, port
             );
             return SK_DROP;
         }
@@ -229,15 +294,15 @@ pub fn redirect_lookup(ctx: SkLookupContext) -> u32 {
         let err = h::bpf_sk_assign(ctx.lookup as *mut c_void, sk, BPF_SK_LOOKUP_F_NO_REUSEPORT);
         h::bpf_sk_release(sk);
         if err != 0 {
-            count(flow.pod, |c| c.dropped_no_listener += 1);
+            count(pod, |c| c.dropped_no_listener += 1);
             warn!(
-                &ctx,
-                "redirect: pod {}: assign to port {} failed ({}), dropped", flow.pod, port, err
+                ctx,
+                "redirect: pod {}: assign to port {} failed ({}), dropped", pod, port, err
             );
             return SK_DROP;
         }
     }
-    count(flow.pod, |c| match port {
+    count(pod, |c| match port {
         PORT_OUTBOUND => c.redirected_15001 += 1,
         PORT_INBOUND => c.redirected_15006 += 1,
         PORT_TUNNEL => c.redirected_15008 += 1,
@@ -252,24 +317,42 @@ pub fn redirect_lookup(ctx: SkLookupContext) -> u32 {
 
 struct Packet {
     family: u32,
+    /// The upper-layer protocol (`PROTO_UNKNOWN` past a header chain too long to walk).
     proto: u32,
     src: [u32; 4],
     dst: [u32; 4],
+    /// Ports and TCP flags, valid only with `l4`.
     sport: u16,
     dport: u16,
     tcp_flags: u8,
+    /// The transport header was read whole: not a later fragment, not a first fragment
+    /// cut short, not behind a header chain too long to walk.
+    l4: bool,
+    /// TCP only: the segment carries data.
+    payload: bool,
+}
+
+impl Packet {
+    #[inline(always)]
+    fn maybe_tcp(&self) -> bool {
+        self.proto == IPPROTO_TCP || self.proto == PROTO_UNKNOWN
+    }
+
+    #[inline(always)]
+    fn is_syn(&self) -> bool {
+        self.l4 && self.proto == IPPROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
 }
 
 /// Walks IPv6 extension headers (hop-by-hop, routing, fragment, destination options,
-/// authentication) to the upper-layer header, as ip6tables' `-p tcp` does: an app that
-/// adds extension headers to its packets must not escape the redirection. Returns the
-/// upper-layer protocol and its offset; a non-first fragment has no ports and is
-/// reported as protocol 44.
+/// authentication) to the upper-layer header, as ip6tables' `-p tcp` does. Returns the
+/// upper-layer protocol, its offset, and whether its header is in this packet (not in a
+/// later fragment). A chain longer than the walk gives `PROTO_UNKNOWN`.
 #[inline(always)]
-fn skip_ipv6_extensions(ctx: &TcContext) -> Option<(u8, usize)> {
+fn skip_ipv6_extensions(ctx: &TcContext) -> Option<(u32, usize, bool)> {
     let mut next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
     let mut off = ETH_HLEN + 40;
-    for _ in 0..6 {
+    for _ in 0..MAX_IPV6_EXT {
         match next {
             0 | 43 | 60 => {
                 let h: [u8; 2] = ctx.load(off).ok()?;
@@ -283,80 +366,95 @@ fn skip_ipv6_extensions(ctx: &TcContext) -> Option<(u8, usize)> {
             }
             44 => {
                 let h: [u8; 4] = ctx.load(off).ok()?;
-                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
-                    return Some((44, off));
-                }
                 next = h[0];
                 off += 8;
+                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                    // A later fragment: the upper-layer header is in the first one.
+                    return Some((next as u32, off, false));
+                }
             }
-            _ => return Some((next, off)),
+            _ => return Some((next as u32, off, true)),
         }
     }
-    // Too many extension headers to walk: treat it as what it claims last.
-    Some((next, off))
+    Some((PROTO_UNKNOWN, off, false))
 }
 
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<Packet> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
-    let (family, proto, src, dst, l4) = match ethertype {
+    // `end`: where the IP packet ends (a received frame may carry padding after it).
+    let (family, proto, src, dst, l4_off, has_l4, end) = match ethertype {
         ETH_P_IP => {
             let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+            let total = u16::from_be(ctx.load(ETH_HLEN + 2).ok()?) as usize;
             let frag: u16 = u16::from_be(ctx.load(ETH_HLEN + 6).ok()?);
             let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
             let src: u32 = ctx.load(ETH_HLEN + 12).ok()?;
             let dst: u32 = ctx.load(ETH_HLEN + 16).ok()?;
-            if frag & 0x1fff != 0 {
-                // Not a first fragment: no ports to read.
-                return Some(Packet {
-                    family: AF_INET,
-                    proto: 0,
-                    src: v4(src),
-                    dst: v4(dst),
-                    sport: 0,
-                    dport: 0,
-                    tcp_flags: 0,
-                });
-            }
             (
                 AF_INET,
                 proto as u32,
                 v4(src),
                 v4(dst),
                 ETH_HLEN + ((vihl & 0xf) as usize) * 4,
+                // A later fragment has no transport header.
+                frag & 0x1fff == 0,
+                ETH_HLEN + total,
             )
         }
         ETH_P_IPV6 => {
+            let plen = u16::from_be(ctx.load(ETH_HLEN + 4).ok()?) as usize;
             let src: [u32; 4] = ctx.load(ETH_HLEN + 8).ok()?;
             let dst: [u32; 4] = ctx.load(ETH_HLEN + 24).ok()?;
-            let (next, l4) = skip_ipv6_extensions(ctx)?;
-            (AF_INET6, next as u32, src, dst, l4)
+            let (next, off, has_l4) = skip_ipv6_extensions(ctx)?;
+            (AF_INET6, next, src, dst, off, has_l4, ETH_HLEN + 40 + plen)
         }
         _ => return None,
     };
-    let (mut sport, mut dport, mut tcp_flags) = (0, 0, 0);
-    if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
-        sport = u16::from_be(ctx.load(l4).ok()?);
-        dport = u16::from_be(ctx.load(l4 + 2).ok()?);
-        if proto == IPPROTO_TCP {
-            tcp_flags = ctx.load(l4 + 13).ok()?;
-        }
-    }
-    Some(Packet {
+    let mut p = Packet {
         family,
         proto,
         src,
         dst,
-        sport,
-        dport,
-        tcp_flags,
-    })
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        l4: false,
+        payload: false,
+    };
+    if !has_l4 {
+        return Some(p);
+    }
+    // The whole transport header must be inside the IP packet: a first fragment cut
+    // short (8 bytes of TCP, say) is not parsed.
+    let hdr = match proto {
+        IPPROTO_TCP => 20,
+        IPPROTO_UDP => 8,
+        _ => return Some(p),
+    };
+    if l4_off + hdr > end {
+        return Some(p);
+    }
+    let (Ok(sport), Ok(dport)) = (ctx.load::<u16>(l4_off), ctx.load::<u16>(l4_off + 2)) else {
+        return Some(p);
+    };
+    p.sport = u16::from_be(sport);
+    p.dport = u16::from_be(dport);
+    if proto == IPPROTO_TCP {
+        let (Ok(doff), Ok(flags)) = (ctx.load::<u8>(l4_off + 12), ctx.load::<u8>(l4_off + 13))
+        else {
+            return Some(p);
+        };
+        p.tcp_flags = flags;
+        p.payload = l4_off + ((doff >> 4) as usize) * 4 < end;
+    }
+    p.l4 = true;
+    Some(p)
 }
 
-/// Tells sk_lookup where this new connection belongs.
 #[inline(always)]
-fn note_flow(ctx: &TcContext, p: &Packet, netns: u64, pod: u32, kind: u32) {
-    let key = FlowKey {
+fn flow_key(p: &Packet) -> FlowKey {
+    FlowKey {
         family: p.family,
         proto: p.proto,
         src: p.src,
@@ -364,14 +462,30 @@ fn note_flow(ctx: &TcContext, p: &Packet, netns: u64, pod: u32, kind: u32) {
         sport: p.sport,
         dport: p.dport,
         _pad: 0,
+    }
+}
+
+/// Tells sk_lookup where this new connection belongs. False if it could not.
+#[inline(always)]
+fn note_flow(ctx: &TcContext, p: &Packet, netns: u64, pod: u32, kind: u32) -> bool {
+    let map = if kind == FLOW_PROXY {
+        &PROXY_FLOWS
+    } else {
+        &FLOWS
     };
-    if FLOWS
-        .insert(&key, &FlowVal { netns, pod, kind }, 0)
+    let kind = if kind == FLOW_PROXY { FLOW_LOCAL } else { kind };
+    if map
+        .insert(&flow_key(p), &FlowVal { netns, pod, kind }, 0)
         .is_err()
     {
         count(pod, |c| c.dropped_error += 1);
-        warn!(ctx, "redirect: pod {}: cannot note a new flow", pod);
+        warn!(
+            ctx,
+            "redirect: pod {}: cannot note a new flow, dropped", pod
+        );
+        return false;
     }
+    true
 }
 
 /// The namespace of the packet's socket. Only for locally sent packets: tc's helper
@@ -394,51 +508,82 @@ fn is_proxy_socket(ctx: &TcContext) -> bool {
     PROXY_CGROUPS.get_ptr(&cgroup).is_some() || PROXY_CGROUPS.get_ptr(&0u64).is_some()
 }
 
-/// Would a connected (not listening) local socket receive this packet? True for flows
-/// steered at their SYN (the proxy holds the other end) and for the app's replies to
-/// the proxy's own connections to it; false for anything bound elsewhere.
+/// A reply of the pod's app to a connection the proxy opened to it over lo.
 #[inline(always)]
-fn peer_is_local_socket(ctx: &TcContext, p: &Packet) -> bool {
-    // The tuple of a packet as received: the socket found is the one it is sent to.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let size = if p.family == AF_INET {
-        tuple.__bindgen_anon_1.ipv4.saddr = p.src[0];
-        tuple.__bindgen_anon_1.ipv4.daddr = p.dst[0];
-        tuple.__bindgen_anon_1.ipv4.sport = p.sport.to_be();
-        tuple.__bindgen_anon_1.ipv4.dport = p.dport.to_be();
-        12
-    } else {
-        tuple.__bindgen_anon_1.ipv6.saddr = p.src;
-        tuple.__bindgen_anon_1.ipv6.daddr = p.dst;
-        tuple.__bindgen_anon_1.ipv6.sport = p.sport.to_be();
-        tuple.__bindgen_anon_1.ipv6.dport = p.dport.to_be();
-        36
+fn is_reply_to_proxy(p: &Packet, netns: u64) -> bool {
+    let back = FlowKey {
+        family: p.family,
+        proto: p.proto,
+        src: p.dst,
+        dst: p.src,
+        sport: p.dport,
+        dport: p.sport,
+        _pad: 0,
     };
-    let flag = IN_HELPER_LOOKUP.get_ptr_mut(0);
-    if let Some(f) = flag {
-        unsafe { *f = 1 };
-    }
-    // SAFETY: raw helper; the returned reference is released before returning.
-    let found = unsafe {
-        let sk = h::bpf_skc_lookup_tcp(
-            ctx.skb.skb as *mut c_void,
-            &mut tuple,
-            size,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        ) as *mut bpf_sock;
+    unsafe { PROXY_FLOWS.get(&back) }.is_some_and(|f| f.netns == netns)
+}
+
+/// What sent a packet, as far as tc egress cares: `SENDER_TCP` (a kernel TCP socket, whose
+/// decision it keeps), `SENDER_UDP`, or `SENDER_OTHER`: a raw or packet socket, a reply
+/// the stack sends for a socket that is not whole (a listener's SYN-ACK, TIME_WAIT's
+/// acknowledgements, resets), or nothing known. The socket is null but for TCP (a plain
+/// pair, not an enum: the verifier wants the register written on every path).
+#[inline(always)]
+fn sender(ctx: &TcContext) -> (u32, *mut bpf_sock) {
+    // SAFETY: skb->sk as the verifier types it (a socket or null); fullsock narrows it.
+    unsafe {
+        let sk = (*ctx.skb.skb).__bindgen_anon_2.sk;
         if sk.is_null() {
-            false
-        } else {
-            let state = (*sk).state;
-            h::bpf_sk_release(sk as *mut c_void);
-            state != TCP_LISTEN
+            return (SENDER_OTHER, core::ptr::null_mut());
         }
-    };
-    if let Some(f) = flag {
-        unsafe { *f = 0 };
+        let full = h::bpf_sk_fullsock(sk);
+        if full.is_null() {
+            return (SENDER_OTHER, core::ptr::null_mut());
+        }
+        match ((*full).type_, (*full).protocol) {
+            (SOCK_STREAM, IPPROTO_TCP) => (SENDER_TCP, full),
+            (SOCK_DGRAM, IPPROTO_UDP) => (SENDER_UDP, core::ptr::null_mut()),
+            _ => (SENDER_OTHER, core::ptr::null_mut()),
+        }
     }
-    found
+}
+
+const SENDER_TCP: u32 = 1;
+const SENDER_UDP: u32 = 2;
+const SENDER_OTHER: u32 = 3;
+
+/// tc egress's decision for an app's TCP socket (`STEER`, `PASS`), if it took one.
+#[inline(always)]
+fn decision(sk: *mut bpf_sock) -> Option<u32> {
+    // SAFETY: a full socket from bpf_sk_fullsock.
+    let v = unsafe {
+        h::bpf_sk_storage_get(
+            &STEERED as *const SkStorage<u32> as *mut c_void,
+            sk as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    } as *const u32;
+    if v.is_null() {
+        None
+    } else {
+        Some(unsafe { *v })
+    }
+}
+
+/// Keeps a decision for the socket (the first one taken stays). False if it could not.
+#[inline(always)]
+fn decide(sk: *mut bpf_sock, mut what: u32) -> bool {
+    // SAFETY: a full socket from bpf_sk_fullsock; the value is copied in on creation.
+    let v = unsafe {
+        h::bpf_sk_storage_get(
+            &STEERED as *const SkStorage<u32> as *mut c_void,
+            sk as *mut c_void,
+            &mut what as *mut u32 as *mut c_void,
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        )
+    };
+    !v.is_null()
 }
 
 /// Send the packet back into the pod: same interface, ingress side, marked so that the
@@ -462,8 +607,22 @@ fn steer_into_pod(ctx: &mut TcContext, pod: &PodConfig) -> i32 {
     }
 }
 
+/// A new connection (or DNS query) of the pod's app: noted for sk_lookup, then steered
+/// into the pod. Sent from a source that is not the pod's own, or not noted: dropped.
+#[inline(always)]
+fn steer_new(ctx: &mut TcContext, p: &Packet, netns: u64, pod: &PodConfig, kind: u32) -> i32 {
+    if !addr_owner(p.family, &p.src).is_some_and(|o| o.netns == netns) {
+        count(pod.id, |c| c.dropped_spoofed += 1);
+        return TC_ACT_SHOT;
+    }
+    if !note_flow(ctx, p, netns, pod.id, kind) {
+        return TC_ACT_SHOT;
+    }
+    steer_into_pod(ctx, pod)
+}
+
 // ---------------------------------------------------------------------------------
-// tc egress on the pod's interfaces.
+// tc egress on the pod's interfaces: what the pod's sockets send out.
 // ---------------------------------------------------------------------------------
 
 #[classifier]
@@ -475,57 +634,89 @@ pub fn redirect_egress(mut ctx: TcContext) -> i32 {
     let Some(pod) = pod_config(netns) else {
         return TC_ACT_OK;
     };
+    // Row 6 (and 7: a forged mark is not enough).
+    if is_proxy_socket(&ctx) {
+        if p.is_syn() {
+            count(pod.id, |c| c.bypassed_proxy += 1);
+        }
+        return TC_ACT_OK;
+    }
+    let dns = pod.flags & POD_DNS_CAPTURE != 0;
+    let (sender, sk) = sender(&ctx);
 
     if p.proto == IPPROTO_UDP {
-        // Row 8: DNS queries with capture on, unless the proxy sends them.
-        if pod.flags & POD_DNS_CAPTURE != 0 && p.dport == DNS_PORT {
-            if is_proxy_socket(&ctx) {
-                count(pod.id, |c| c.bypassed_proxy += 1);
-                return TC_ACT_OK;
-            }
-            note_flow(&ctx, &p, netns, pod.id, FLOW_DNS);
-            return steer_into_pod(&mut ctx, &pod);
+        // Row 8: DNS queries with capture on.
+        if dns && p.l4 && p.dport == DNS_PORT {
+            return steer_new(&mut ctx, &p, netns, &pod, FLOW_DNS);
         }
         // Row 9.
         return TC_ACT_OK;
     }
-    if p.proto != IPPROTO_TCP {
+    if !p.maybe_tcp() {
+        // Row 9.
         return TC_ACT_OK;
     }
 
-    if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    if p.is_syn() {
         // A new connection. Row 4: probes.
         if is_probe(p.family, &p.dst) {
             count(pod.id, |c| c.bypassed_probe += 1);
             return TC_ACT_OK;
         }
-        // Row 6 (and 7: a forged mark is not enough).
-        if is_proxy_socket(&ctx) {
-            count(pod.id, |c| c.bypassed_proxy += 1);
-            return TC_ACT_OK;
+        // Row 3 (and 8, TCP side). A kernel TCP socket keeps the decision, so that
+        // every later packet of its connection follows it.
+        if sender == SENDER_TCP && !decide(sk, STEER) {
+            count(pod.id, |c| c.dropped_error += 1);
+            return TC_ACT_SHOT;
         }
-        // Row 3 (and 8, TCP side).
-        let dns = pod.flags & POD_DNS_CAPTURE != 0 && p.dport == DNS_PORT;
-        note_flow(
-            &ctx,
-            &p,
-            netns,
-            pod.id,
-            if dns { FLOW_DNS } else { FLOW_OUTBOUND },
-        );
-        return steer_into_pod(&mut ctx, &pod);
+        let kind = if dns && p.dport == DNS_PORT {
+            FLOW_DNS
+        } else {
+            FLOW_OUTBOUND
+        };
+        return steer_new(&mut ctx, &p, netns, &pod, kind);
     }
 
-    // Any later packet follows its connection: the proxy's own go out as they are;
-    // a connection steered at its SYN has its other end in a local socket and goes on
-    // being steered; one open before enrolment (row 10) has none and is untouched.
-    if is_proxy_socket(&ctx) {
-        return TC_ACT_OK;
+    if sender == SENDER_TCP {
+        // The socket's decision, taken once: a connection steered at its SYN goes on
+        // being steered, whatever the packet (fragments included); the app's side of a
+        // connection the proxy opened to it sends its replies back to the proxy; one open
+        // before enrolment (row 10) is untouched.
+        return match decision(sk) {
+            Some(STEER) => steer_into_pod(&mut ctx, &pod),
+            Some(_) => TC_ACT_OK,
+            None if !p.l4 => {
+                if unsafe { (*sk).state } == TCP_SYN_SENT {
+                    // A SYN whose header could not be read: never out unsteered.
+                    count(pod.id, |c| c.dropped_unparsable += 1);
+                    return TC_ACT_SHOT;
+                }
+                TC_ACT_OK
+            }
+            None => {
+                if is_reply_to_proxy(&p, netns) {
+                    decide(sk, STEER);
+                    steer_into_pod(&mut ctx, &pod)
+                } else {
+                    decide(sk, PASS);
+                    TC_ACT_OK
+                }
+            }
+        };
     }
-    if peer_is_local_socket(&ctx, &p) {
-        return steer_into_pod(&mut ctx, &pod);
+    // Built by hand (raw sockets) or by the stack for a socket that is not whole: a
+    // SYN-ACK of a connection the proxy opens to the app goes back to the proxy. What
+    // else could carry a connection's data past the proxy is dropped: TCP whose
+    // header cannot be read (fragments, chains too long to walk) and segments with
+    // data. Bare resets and acknowledgements (TIME_WAIT's, the stack's) go out.
+    if p.l4 && p.proto == IPPROTO_TCP && is_reply_to_proxy(&p, netns) {
+        steer_into_pod(&mut ctx, &pod)
+    } else if !p.l4 || p.payload {
+        count(pod.id, |c| c.dropped_unparsable += 1);
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
     }
-    TC_ACT_OK
 }
 
 // ---------------------------------------------------------------------------------
@@ -537,9 +728,8 @@ pub fn redirect_ingress(ctx: TcContext) -> i32 {
     let Some(p) = parse(&ctx) else {
         return TC_ACT_OK;
     };
-    // Our own steered packets carry the return mark (redirect_egress noted their flow);
-    // nothing from outside can carry it: the mark is cleared when a packet crosses
-    // namespaces.
+    // Our own steered packets carry the return mark; nothing from outside can carry it:
+    // the mark is cleared when a packet crosses namespaces.
     let mark = unsafe { (*ctx.skb.skb).mark };
     if mark & MARK_MASK == RETURN_MARK {
         return TC_ACT_OK;
@@ -547,20 +737,12 @@ pub fn redirect_ingress(ctx: TcContext) -> i32 {
     let Some(pod) = addr_owner(p.family, &p.dst) else {
         return TC_ACT_OK;
     };
-    // From outside, yet from the pod's own address: forged.
+    // From outside, yet from the pod's own address: forged (`accept_local` is on).
     if addr_owner(p.family, &p.src).is_some_and(|s| s.netns == pod.netns) {
         count(pod.pod, |c| c.dropped_spoofed += 1);
         return TC_ACT_SHOT;
     }
-    if p.proto != IPPROTO_TCP || p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        return TC_ACT_OK;
-    }
-    // Row 4: health probes reach the app.
-    if is_probe(p.family, &p.src) {
-        count(pod.pod, |c| c.bypassed_probe += 1);
-        return TC_ACT_OK;
-    }
-    note_flow(&ctx, &p, pod.netns, pod.pod, FLOW_INBOUND);
+    // Where each connection goes is sk_lookup's decision, from the destination address.
     TC_ACT_OK
 }
 
@@ -573,15 +755,20 @@ pub fn redirect_loopback(ctx: TcContext) -> i32 {
     let Some(p) = parse(&ctx) else {
         return TC_ACT_OK;
     };
-    if p.proto != IPPROTO_TCP
-        || p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN
-        || is_loopback(p.family, &p.dst)
-    {
+    if !p.is_syn() || is_loopback(p.family, &p.dst) {
         return TC_ACT_OK;
     }
     let netns = netns_of(&ctx);
     let pod = pod_config(netns).map(|p| p.id).unwrap_or(0);
-    note_flow(&ctx, &p, netns, pod, FLOW_LOCAL);
+    // Row 6 (the proxy's own, in a map no app writes) and row 5. A connection not noted
+    // is taken for inbound by sk_lookup: it goes through the proxy once more, never
+    // past it.
+    let kind = if is_proxy_socket(&ctx) {
+        FLOW_PROXY
+    } else {
+        FLOW_LOCAL
+    };
+    note_flow(&ctx, &p, netns, pod, kind);
     TC_ACT_OK
 }
 

@@ -330,7 +330,7 @@ pub async fn status(control: ControlArgs, json: bool) -> Result<()> {
         );
         if let Some(c) = p.counters {
             println!(
-                "    redirected 15001={} 15006={} 15008={} 15053={}  bypassed probe={} loopback={} proxy={}  dropped no_listener={} spoofed={} error={}",
+                "    redirected 15001={} 15006={} 15008={} 15053={}  bypassed probe={} loopback={} proxy={}  dropped no_listener={} spoofed={} unparsable={} error={}",
                 c.redirected_15001,
                 c.redirected_15006,
                 c.redirected_15008,
@@ -340,6 +340,7 @@ pub async fn status(control: ControlArgs, json: bool) -> Result<()> {
                 c.bypassed_proxy,
                 c.dropped_no_listener,
                 c.dropped_spoofed,
+                c.dropped_unparsable,
                 c.dropped_error
             );
         }

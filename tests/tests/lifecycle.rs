@@ -11,18 +11,20 @@ use std::{
 use redirect_tests::*;
 use redirect_user::ebpf::{EnrolError, PodSockets};
 
+/// The maps that hold a pod's state. Not `flows` / `proxy_flows`: notes are hints that
+/// age out of their LRU, inert once their pod's addresses are gone (sk_lookup checks each
+/// against them), and un-enrolment does not walk them.
+const POD_MAPS: [&str; 4] = ["pods", "pod_addrs", "listeners", "pod_index"];
+
 fn enrolled_entries(m: &Mesh) -> Vec<(&'static str, usize)> {
-    ["pods", "pod_addrs", "listeners", "flows", "pod_index"]
+    POD_MAPS
         .into_iter()
         .map(|name| (name, m.dump_map(name).unwrap().len()))
         .collect()
 }
 
 fn nothing_enrolled() -> Vec<(&'static str, usize)> {
-    ["pods", "pod_addrs", "listeners", "flows", "pod_index"]
-        .into_iter()
-        .map(|n| (n, 0))
-        .collect()
+    POD_MAPS.into_iter().map(|n| (n, 0)).collect()
 }
 
 #[test]

@@ -7,8 +7,7 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use redirect_ebpf::{
-    AddrKey, FlowKey, FlowVal, ListenerKey, PodAddr, PodConfig, PodCounters, PodRecord, PodUid,
-    names,
+    AddrKey, ListenerKey, PodAddr, PodConfig, PodCounters, PodRecord, PodUid, names,
 };
 
 pub struct Maps {
@@ -16,7 +15,6 @@ pub struct Maps {
     pub pod_addrs: HashMap<MapData, AddrKey, PodAddr>,
     /// A sockhash with 8-byte values: aya's `SockHash` wants 4, so it is used raw.
     pub listeners: MapData,
-    pub flows: HashMap<MapData, FlowKey, FlowVal>, // an LRU hash
     pub proxy_cgroups: HashMap<MapData, u64, u8>,
     pub counters: PerCpuArray<MapData, PodCounters>,
     pub pod_index: HashMap<MapData, PodUid, PodRecord>,
@@ -46,7 +44,6 @@ impl Maps {
                     });
                 }
             },
-            flows: take(ebpf, names::FLOWS)?,
             proxy_cgroups: take(ebpf, names::PROXY_CGROUPS)?,
             counters: take(ebpf, names::COUNTERS)?,
             pod_index: take(ebpf, names::POD_INDEX)?,

@@ -4,7 +4,7 @@
 //!
 //! Pinned layout (default root `/sys/fs/bpf/redirect`):
 //! ```text
-//! maps/{pods,pod_addrs,listeners,flows,proxy_cgroups,counters,pod_index,in_helper_lookup,AYA_LOGS}
+//! maps/{pods,pod_addrs,listeners,flows,proxy_cgroups,counters,pod_index,steered,AYA_LOGS}
 //! progs/{redirect_lookup,redirect_egress,redirect_ingress,redirect_loopback}
 //! links/<pod uid>          the pod's sk_lookup link
 //! ```
@@ -280,6 +280,13 @@ impl Engine {
                 step: "read counters",
                 detail: e.to_string(),
             })
+    }
+
+    /// Counters of events no pod could be charged with (slot 0), such as TCP to an
+    /// address that is no pod's (`dropped_unknown_dst`).
+    pub fn node_counters(&self) -> Result<PodCounters, EngineError> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(inner.maps.read_counters(0)?)
     }
 
     /// Trusts 0x539-marked sockets of this cgroup as the proxy's (split deployments).

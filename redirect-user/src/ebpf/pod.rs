@@ -105,6 +105,9 @@ pub struct EnrolledPod {
 pub(crate) struct PodState {
     pub netns: Option<Netns>,
     pub record: PodRecord,
+    /// The pod's entries in `pod_addrs`, so that un-enrolment removes exactly those
+    /// without walking the map.
+    pub addrs: Vec<AddrKey>,
 }
 
 impl PodState {
@@ -151,6 +154,11 @@ fn valid_uid(uid: &str) -> bool {
 /// The pods of an earlier run, from the pinned index. Their namespaces are not known
 /// to this process until they are enrolled again.
 pub(crate) fn adopt_pinned(maps: &Maps) -> BTreeMap<String, PodState> {
+    // One walk of the addresses at start, grouped by namespace.
+    let mut addrs: BTreeMap<u64, Vec<AddrKey>> = BTreeMap::new();
+    for (k, v) in maps.pod_addrs.iter().filter_map(Result::ok) {
+        addrs.entry(v.netns).or_default().push(k);
+    }
     let mut out = BTreeMap::new();
     for entry in maps.pod_index.iter() {
         let Ok((k, record)) = entry else { continue };
@@ -160,6 +168,7 @@ pub(crate) fn adopt_pinned(maps: &Maps) -> BTreeMap<String, PodState> {
             uid,
             PodState {
                 netns: None,
+                addrs: addrs.remove(&record.netns_cookie).unwrap_or_default(),
                 record,
             },
         );
@@ -401,14 +410,15 @@ pub(crate) fn enrol(
 
     let t_read = started.elapsed();
     // 2. Maps, then 3. the sk_lookup link, then 4. the namespace: each undone on failure.
-    if let Err(e) = write_maps(maps, uid, &record, &info, sockets) {
-        remove_maps(maps, uid, &record);
+    let mut taken = Vec::new();
+    if let Err(e) = write_maps(maps, uid, &record, &info, sockets, &mut taken) {
+        undo_maps(maps, uid, &record, &taken);
         return Err(e);
     }
     let t_maps = started.elapsed();
     let link_path = pin_dir.join("links").join(uid);
     if let Err(e) = attach_sk_lookup(ebpf, netns, &link_path) {
-        remove_maps(maps, uid, &record);
+        undo_maps(maps, uid, &record, &taken);
         return Err(step(uid, "attach sk_lookup")(e));
     }
     let t_link = started.elapsed();
@@ -422,7 +432,7 @@ pub(crate) fn enrol(
     if let Err(e) = applied {
         let _ = netns.run(|| undo_in_ns(&record, uid));
         detach_sk_lookup(&link_path);
-        remove_maps(maps, uid, &record);
+        undo_maps(maps, uid, &record, &taken);
         return Err(e);
     }
     // The record now knows which clsact qdiscs were ours.
@@ -452,17 +462,22 @@ pub(crate) fn enrol(
         PodState {
             netns: Some(ns),
             record,
+            addrs: taken.iter().map(|(k, _)| *k).collect(),
         },
     );
     Ok(outcome)
 }
 
+/// Writes the pod's map entries. `taken` gets each address written, with the entry it
+/// replaced (an address taken over from a pod that went without un-enrolment), so that
+/// a failed enrolment can give it back.
 fn write_maps(
     maps: &mut Maps,
     uid: &str,
     record: &PodRecord,
     info: &NsInfo,
     sockets: &PodSockets<'_>,
+    taken: &mut Vec<(AddrKey, Option<PodAddr>)>,
 ) -> Result<(), EnrolError> {
     let cfg = PodConfig {
         id: record.id,
@@ -475,7 +490,8 @@ fn write_maps(
         .map_err(|e| full_or(uid, "pod index", maps.pod_index_capacity(), e))?;
     for a in &info.addrs {
         let key = addr_key(a);
-        if let Ok(other) = maps.pod_addrs.get(&key, 0)
+        let before = maps.pod_addrs.get(&key, 0).ok();
+        if let Some(other) = before
             && other.netns != info.cookie
         {
             // The address moved to a new pod (the old one went without un-enrolment).
@@ -489,6 +505,7 @@ fn write_maps(
         maps.pod_addrs
             .insert(key, owner, 0)
             .map_err(|e| full_or(uid, "pod addresses", MAX_POD_ADDRS, e))?;
+        taken.push((key, before.filter(|b| b.netns != info.cookie)));
     }
     set_sockets(maps, uid, info.cookie, sockets)?;
     // Last: from here on the programs treat the namespace as enrolled.
@@ -564,41 +581,38 @@ pub(crate) fn set_sockets(
     Ok(())
 }
 
-fn remove_maps(maps: &mut Maps, uid: &str, record: &PodRecord) {
+/// Removes the pod's map entries: its settings, sockets, counters, index record and the
+/// addresses it still owns. Notes in `flows` are left to age out: sk_lookup checks each
+/// against the owner of its addresses, so a stale one decides nothing.
+fn remove_maps(maps: &mut Maps, uid: &str, record: &PodRecord, addrs: &[AddrKey]) {
     let netns = record.netns_cookie;
     let _ = maps.pods.remove(&netns);
-    for port in [PORT_OUTBOUND, PORT_INBOUND, PORT_TUNNEL, PORT_DNS] {
-        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
-            let _ = maps.remove_listener(&ListenerKey {
-                netns,
-                port,
-                proto: proto as u16,
-                _pad: 0,
-            });
-        }
+    for (port, proto) in SOCKET_SLOTS {
+        let _ = maps.remove_listener(&ListenerKey {
+            netns,
+            port,
+            proto: proto as u16,
+            _pad: 0,
+        });
     }
-    let addrs: Vec<AddrKey> = maps
-        .pod_addrs
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, v)| v.netns == netns)
-        .map(|(k, _)| k)
-        .collect();
     for k in addrs {
-        let _ = maps.pod_addrs.remove(&k);
-    }
-    let flows: Vec<FlowKey> = maps
-        .flows
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, v)| v.netns == netns)
-        .map(|(k, _)| k)
-        .collect();
-    for k in flows {
-        let _ = maps.flows.remove(&k);
+        if maps.pod_addrs.get(k, 0).is_ok_and(|v| v.netns == netns) {
+            let _ = maps.pod_addrs.remove(k);
+        }
     }
     let _ = maps.zero_counters(record.id);
     let _ = maps.pod_index.remove(&uid_key(uid));
+}
+
+/// Undoes a failed enrolment's map writes, giving taken-over addresses back.
+fn undo_maps(maps: &mut Maps, uid: &str, record: &PodRecord, taken: &[(AddrKey, Option<PodAddr>)]) {
+    let keys: Vec<AddrKey> = taken.iter().map(|(k, _)| *k).collect();
+    remove_maps(maps, uid, record, &keys);
+    for (k, before) in taken {
+        if let Some(v) = before {
+            let _ = maps.pod_addrs.insert(*k, *v, 0);
+        }
+    }
 }
 
 fn attach_sk_lookup(ebpf: &mut Ebpf, netns: &Netns, pin: &Path) -> Result<(), String> {
@@ -820,7 +834,7 @@ pub(crate) fn unenrol(
         );
     }
     detach_sk_lookup(&pin_dir.join("links").join(uid));
-    remove_maps(maps, uid, &record);
+    remove_maps(maps, uid, &record, &state.addrs);
     info!(uid, id = record.id, "redirect: pod un-enrolled");
     result
 }
