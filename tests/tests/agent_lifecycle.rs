@@ -105,13 +105,12 @@ fn pod_add_args<'a>(state_dir: &'a str, netns: &'a str, uid: &'a str) -> Vec<&'a
     ]
 }
 
-fn accept_local(ns: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "sysctl", "-n"])
-        .arg("net.ipv4.conf.eth0.accept_local")
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+fn accept_local(ns: &Netns) -> String {
+    ns.run(|| std::fs::read_to_string("/proc/sys/net/ipv4/conf/eth0/accept_local"))
+        .unwrap()
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 #[test]
@@ -162,19 +161,41 @@ fn the_agent_keeps_serving_while_an_enrolment_is_slow() {
     assert!(!ip_out(&n.ns("a"), &["rule"]).contains("0x111"));
 }
 
-/// `nsenter -t PID -m -- ARGS…` (in the mount namespace of process PID), must succeed.
-fn in_mounts_of(pid: i32, args: &[&str]) {
-    let out = Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "-m", "--"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Runs `f` on a thread of its own inside the mount namespace of process `pid`.
+fn in_mounts_of<T: Send>(pid: i32, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsRawFd;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mnt = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).unwrap();
+            // SAFETY: unshare of this thread's filesystem attributes (required before
+            // it may join another mount namespace) and setns with a valid fd.
+            unsafe {
+                assert_eq!(libc::unshare(libc::CLONE_FS), 0, "unshare");
+                assert_eq!(libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS), 0, "setns");
+            }
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// `mount(2)` of `src` (None: null) on `target`.
+fn mount(src: Option<&str>, target: &str, flags: libc::c_ulong) {
+    let c = |p: &str| std::ffi::CString::new(p).unwrap();
+    let (src, target) = (src.map(c), c(target));
+    let none = std::ptr::null();
+    // SAFETY: valid C strings or null.
+    let r = unsafe {
+        libc::mount(
+            src.as_ref().map_or(none, |s| s.as_ptr()),
+            target.as_ptr(),
+            none,
+            flags,
+            none.cast(),
+        )
+    };
+    assert_eq!(r, 0, "mount: {}", std::io::Error::last_os_error());
 }
 
 fn saved_pods(dir: &Path) -> Vec<serde_json::Value> {
@@ -189,31 +210,42 @@ fn a_removal_that_fails_half_way_is_kept_and_completed_by_the_agent() {
     // The agent in a mount namespace of its own, where /proc/sys can be locked.
     let sock = n.dir.join("zds.sock");
     let log = std::fs::File::create(n.dir.join("agent.log")).unwrap();
-    let agent = Kill(
-        Command::new("unshare")
-            .args(["--mount", "--propagation", "private"])
-            .arg(redirect_user_bin().unwrap())
-            .args(["node-agent", "--socket", sock.to_str().unwrap()])
-            .args(["--state-dir", n.state_dir(), "--pin-dir", &n.pin])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let mut cmd = Command::new(redirect_user_bin().unwrap());
+    cmd.args(["node-agent", "--socket", sock.to_str().unwrap()])
+        .args(["--state-dir", n.state_dir(), "--pin-dir", &n.pin])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log);
+    // SAFETY: only async-signal-safe calls (unshare, mount) between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            let none = std::ptr::null();
+            let flags = libc::MS_REC | libc::MS_PRIVATE;
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(none, c"/".as_ptr(), none, flags, none.cast()) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let agent = Kill(cmd.spawn().unwrap());
     wait_for("agent socket", 15, || sock.exists());
     let pid = agent.0.id() as i32;
     let ns = n.ns("a");
+    let pod_ns = n.topo.host("a").netns().unwrap();
     let rules = ip_out(&ns, &["rule"]);
     let path = n.topo.host("a").path();
     within(&pod_add_args(n.state_dir(), &path, "uid-a"), 10).unwrap();
-    assert_eq!(accept_local(&ns), "1");
+    assert_eq!(accept_local(&pod_ns), "1");
 
     // accept_local cannot be restored: the removal fails half-way.
-    in_mounts_of(
-        pid,
-        &["mount", "--bind", "-o", "ro", "/proc/sys", "/proc/sys"],
-    );
+    in_mounts_of(pid, || {
+        mount(Some("/proc/sys"), "/proc/sys", libc::MS_BIND);
+        let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
+        mount(None, "/proc/sys", ro);
+    });
     let del = within(
         &["pod", "del", "--state-dir", n.state_dir(), "--uid", "uid-a"],
         10,
@@ -228,14 +260,18 @@ fn a_removal_that_fails_half_way_is_kept_and_completed_by_the_agent() {
     let saved = saved_pods(&n.dir);
     assert_eq!(saved.len(), 1);
     assert_eq!(saved[0]["releasing"], true, "{saved:?}");
-    assert_eq!(accept_local(&ns), "1");
+    assert_eq!(accept_local(&pod_ns), "1");
 
     // Once the sysctl can be written again, the agent completes the removal itself.
-    in_mounts_of(pid, &["umount", "/proc/sys"]);
+    in_mounts_of(pid, || {
+        let target = std::ffi::CString::new("/proc/sys").unwrap();
+        // SAFETY: umount2 with a valid C string.
+        assert_eq!(unsafe { libc::umount2(target.as_ptr(), 0) }, 0);
+    });
     wait_for("the removal completed", 15, || {
         n.list(5).trim().is_empty() && saved_pods(&n.dir).is_empty()
     });
-    assert_eq!(accept_local(&ns), "0");
+    assert_eq!(accept_local(&pod_ns), "0");
     assert_eq!(ip_out(&ns, &["rule"]), rules);
     assert_eq!(ip_out(&ns, &["route", "show", "table", "100"]), "");
     assert!(!tc_out(&ns, &["qdisc", "show"]).contains("clsact"));
