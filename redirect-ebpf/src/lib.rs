@@ -239,7 +239,11 @@ pub struct PodRecord {
     pub ifaces: [[u8; IFNAME_LEN]; MAX_POD_IFACES],
     /// Value of each interface's `accept_local` before enrolment, restored after.
     pub accept_local_before: [u8; MAX_POD_IFACES],
-    pub _pad: u32,
+    /// What the engine created in the pod's namespace (the rule and the route of each
+    /// family, the tc filters) and so removes at un-enrolment, and whether that
+    /// un-enrolment is under way; bits defined by the loader. Takes the place of
+    /// padding, so records pinned by earlier versions (where it reads 0) keep their size.
+    pub owned: u32,
 }
 
 #[cfg(feature = "user")]

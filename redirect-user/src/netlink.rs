@@ -269,6 +269,45 @@ impl Netlink {
     }
 }
 
+impl Netlink {
+    /// `tc filter del dev IF {ingress|egress} prio PRIO handle HANDLE` (any protocol):
+    /// removes one filter of a clsact qdisc. Returns false if it was not there, its
+    /// qdisc was not there, or the interface is gone.
+    pub fn del_filter(
+        &mut self,
+        ifindex: u32,
+        egress: bool,
+        priority: u16,
+        handle: u32,
+    ) -> Result<bool, NetlinkError> {
+        let mut m = TcMessage::default();
+        m.header.index = ifindex as i32;
+        m.header.handle = TcHandle::from(handle);
+        // TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS or TC_H_MIN_EGRESS).
+        m.header.parent = TcHandle {
+            major: 0xffff,
+            minor: if egress { 0xfff3 } else { 0xfff2 },
+        };
+        // TC_H_MAKE(prio << 16, htons(ETH_P_ALL)), as the filter was added.
+        m.header.info = (u32::from(priority) << 16) | u32::from(0x0003u16.to_be());
+        let msg = RouteNetlinkMessage::DelTrafficFilter(m);
+        match self.request("delete tc filter", msg, NLM_F_ACK) {
+            Ok(_) => Ok(true),
+            // ENOENT: no such filter; EINVAL: no clsact qdisc to hold it; ENODEV: the
+            // interface went away, and its filters with it.
+            Err(NetlinkError::Kernel { source, .. })
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOENT | libc::ESRCH | libc::EINVAL | libc::ENODEV)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
 fn family(v6: bool) -> AddressFamily {
     if v6 {
         AddressFamily::Inet6

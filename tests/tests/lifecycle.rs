@@ -368,3 +368,251 @@ fn pods_stay_redirected_when_the_engine_goes_away() {
     assert!(engine2.unenrol("b").unwrap());
     assert!(!ip_out(&m.host("b").name, &["rule"]).contains("0x111"));
 }
+
+/// `ip -n NS ARGS…`, which must succeed.
+fn ip_ok(ns: &str, args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .arg("-n")
+        .arg(ns)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip -n {ns} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn accept_local(m: &Mesh, pod: &str) -> String {
+    m.ns(pod)
+        .run(|| std::fs::read_to_string("/proc/sys/net/ipv4/conf/eth0/accept_local"))
+        .unwrap()
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Runs `f` on a thread of its own that sees `/proc/sys` read-only (a private mount
+/// namespace of that thread alone): every sysctl write made there fails, as on a host
+/// where they are locked. The rest of the process and the machine see no change.
+fn with_sysctls_locked<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    use std::ffi::CString;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let c = |p: &str| CString::new(p).unwrap();
+            let (root, sys) = (c("/"), c("/proc/sys"));
+            // SAFETY: unshare and mount with valid C strings; they change this thread's
+            // own mount namespace only.
+            unsafe {
+                assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0, "unshare");
+                let flags = libc::MS_REC | libc::MS_PRIVATE;
+                let none = std::ptr::null();
+                assert_eq!(
+                    libc::mount(none, root.as_ptr(), none, flags, none.cast()),
+                    0
+                );
+                let bind = libc::MS_BIND;
+                assert_eq!(
+                    libc::mount(sys.as_ptr(), sys.as_ptr(), none, bind, none.cast()),
+                    0
+                );
+                let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
+                assert_eq!(libc::mount(none, sys.as_ptr(), none, ro, none.cast()), 0);
+            }
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// Nothing of the engine left in pod `pod`'s namespace: rule, routes, qdiscs, filters,
+/// `accept_local`, sk_lookup link.
+fn nothing_left_in(m: &Mesh, pod: &str, rules: &str, accept_local_before: &str) {
+    let ns = &m.host(pod).name;
+    assert_eq!(&ip_out(ns, &["rule"]), rules);
+    assert!(!ip_out(ns, &["-6", "rule"]).contains("0x111"));
+    assert_eq!(ip_out(ns, &["route", "show", "table", "100"]), "");
+    assert_eq!(ip_out(ns, &["-6", "route", "show", "table", "100"]), "");
+    assert!(!tc_out(ns, &["qdisc", "show"]).contains("clsact"));
+    assert_eq!(accept_local(m, pod), accept_local_before);
+    let ino = m.ns(pod).ino();
+    let links = bpftool_json(&["link", "show"]).unwrap();
+    let ours = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["netns_ino"].as_u64() == Some(ino))
+        .count();
+    assert_eq!(ours, 0);
+}
+
+#[test]
+fn a_teardown_that_fails_half_way_is_completed_on_retry() {
+    let m = Mesh::new("halfway", &[("a", 10), ("c", 100)]).unwrap();
+    let rules = ip_out(&m.host("a").name, &["rule"]);
+    let before = accept_local(&m, "a");
+    m.enrol("a", PodOptions::default()).unwrap();
+    assert_eq!(accept_local(&m, "a"), "1");
+
+    // accept_local cannot be restored: the un-enrolment fails half-way.
+    let err = with_sysctls_locked(|| m.engine.unenrol("a")).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EnrolError::Step {
+                step: "restore accept_local",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Not forgotten: the pod is releasing and its record stays pinned.
+    let pods = m.engine.pods();
+    assert_eq!(pods.len(), 1);
+    assert!(pods[0].releasing, "{pods:?}");
+    assert_eq!(m.dump_map("pod_index").unwrap().len(), 1);
+    assert_eq!(accept_local(&m, "a"), "1");
+
+    // Tried again, it completes: nothing left anywhere.
+    assert!(m.engine.unenrol("a").unwrap());
+    assert_eq!(m.engine.pods(), vec![]);
+    assert_eq!(enrolled_entries(&m), nothing_enrolled());
+    assert_eq!(
+        std::fs::read_dir(m.pin_dir.join("links")).unwrap().count(),
+        0
+    );
+    nothing_left_in(&m, "a", &rules, &before);
+    assert!(
+        ask(&m.ns("a"), m.addr("c", false, PEER_PORT))
+            .unwrap()
+            .starts_with("c from ")
+    );
+    // And the pod enrols again as new.
+    assert_eq!(
+        m.enrol("a", PodOptions::default()).unwrap(),
+        EnrolOutcome::Enrolled
+    );
+}
+
+#[test]
+fn a_rule_that_existed_before_enrolment_survives_unenrolment() {
+    let m = Mesh::new("prior", &[("a", 10), ("c", 100)]).unwrap();
+    let ns = m.host("a").name.clone();
+    // The return routing as the upstream agent leaves it in a pod during a migration.
+    for fam in ["-4", "-6"] {
+        ip_ok(
+            &ns,
+            &[
+                fam,
+                "rule",
+                "add",
+                "fwmark",
+                "0x111/0xfff",
+                "pref",
+                "32764",
+                "lookup",
+                "100",
+            ],
+        );
+    }
+    ip_ok(
+        &ns,
+        &[
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "100",
+        ],
+    );
+    ip_ok(
+        &ns,
+        &[
+            "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100",
+        ],
+    );
+    let shown = || {
+        [
+            ip_out(&ns, &["rule"]),
+            ip_out(&ns, &["-6", "rule"]),
+            ip_out(&ns, &["route", "show", "table", "100"]),
+            ip_out(&ns, &["-6", "route", "show", "table", "100"]),
+        ]
+    };
+    let before = shown();
+    assert!(before[0].contains("0x111"), "{}", before[0]);
+
+    m.enrol("a", PodOptions::default()).unwrap();
+    // Adopted and used: a's outbound connection goes through its proxy.
+    assert!(
+        ask(&m.ns("a"), m.addr("c", false, PEER_PORT))
+            .unwrap()
+            .starts_with("c from ")
+    );
+    assert_eq!(m.events().len(), 1);
+    assert_eq!(shown(), before);
+
+    assert!(m.unenrol("a").unwrap());
+    // The engine removed what it made, not the rule and routes it found.
+    assert_eq!(shown(), before);
+    assert!(!tc_out(&ns, &["qdisc", "show"]).contains("clsact"));
+    assert_eq!(accept_local(&m, "a"), "0");
+    assert_eq!(enrolled_entries(&m), nothing_enrolled());
+    assert!(
+        ask(&m.ns("a"), m.addr("c", false, PEER_PORT))
+            .unwrap()
+            .starts_with("c from ")
+    );
+    assert_eq!(m.events().len(), 0, "direct after un-enrolment");
+}
+
+#[test]
+fn a_failed_enrolment_gives_a_taken_over_address_back() {
+    let m = Mesh::new("giveback", &[("a", 10), ("b", 11), ("c", 100)]).unwrap();
+    m.enrol("a", PodOptions::default()).unwrap();
+    let owners = || {
+        let mut v: Vec<String> = m
+            .dump_map("pod_addrs")
+            .unwrap()
+            .iter()
+            .map(|e| e["formatted"].to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = owners();
+    // Pod b carries a's address too (on lo, not answered for on its eth0: an address
+    // on its way between pods) ...
+    let b = m.host("b").name.clone();
+    let a4 = m.host("a").addr(false);
+    m.ns("b")
+        .run(|| {
+            for conf in ["all", "eth0"] {
+                let path = format!("/proc/sys/net/ipv4/conf/{conf}/arp_ignore");
+                std::fs::write(path, "1").unwrap();
+            }
+        })
+        .unwrap();
+    ip_ok(&b, &["addr", "add", &format!("{a4}/32"), "dev", "lo"]);
+    // ... and its enrolment fails after its addresses were written (a socket of
+    // another namespace).
+    let wrong = PodListeners::open(&m.ns("a"), false).unwrap();
+    let err = m
+        .engine
+        .enrol("b", &m.ns("b"), &PodOptions::default(), &wrong.sockets())
+        .unwrap_err();
+    assert!(matches!(err, EnrolError::BadSocket { .. }), "{err}");
+    // a's address is a's again, and its inbound traffic still reaches its proxy.
+    assert_eq!(owners(), before);
+    let to = m.addr("a", false, APP_PORT);
+    assert!(ask(&m.ns("c"), to).unwrap().starts_with("a from "));
+    let events = m.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!((events[0].pod.as_str(), events[0].listener), ("a", 15006));
+}

@@ -130,38 +130,47 @@ async fn handle(agent: &Agent, req: ControlRequest) -> ControlResponse {
             Err(e) => ControlResponse::err(e),
         },
         ControlRequest::List | ControlRequest::Status => {
-            let engine = agent.engine();
-            let enrolled = engine.pods();
-            let pods = agent
-                .list()
-                .into_iter()
-                .map(|status| {
-                    let uid = status.spec.uid.clone();
-                    let e = enrolled.iter().find(|p| p.uid == uid);
-                    let sockets = engine
-                        .sockets(&uid)
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(port, udp, _)| format!("{port}/{}", if udp { "udp" } else { "tcp" }))
-                        .collect();
-                    PodReport {
-                        id: e.map(|p| p.id),
-                        netns_cookie: e.map(|p| p.netns_cookie),
-                        interfaces: e.map(|p| p.interfaces.clone()).unwrap_or_default(),
-                        sockets,
-                        counters: engine.counters(&uid).ok(),
-                        status,
-                    }
-                })
-                .collect();
-            ControlResponse {
-                ok: true,
-                pods: Some(pods),
-                proxies: Some(agent.proxies()),
-                pin_dir: Some(engine.pin_dir().to_path_buf()),
-                ..Default::default()
-            }
+            // The engine's lock can be held by an enrolment: wait for it off the runtime.
+            let agent = agent.clone();
+            tokio::task::spawn_blocking(move || report(&agent))
+                .await
+                .unwrap_or_else(|e| ControlResponse::err(format!("status: {e}")))
         }
+    }
+}
+
+/// Every pod with what the engine holds for it.
+fn report(agent: &Agent) -> ControlResponse {
+    let engine = agent.engine();
+    let enrolled = engine.pods();
+    let pods = agent
+        .list()
+        .into_iter()
+        .map(|status| {
+            let uid = status.spec.uid.clone();
+            let e = enrolled.iter().find(|p| p.uid == uid);
+            let sockets = engine
+                .sockets(&uid)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(port, udp, _)| format!("{port}/{}", if udp { "udp" } else { "tcp" }))
+                .collect();
+            PodReport {
+                id: e.map(|p| p.id),
+                netns_cookie: e.map(|p| p.netns_cookie),
+                interfaces: e.map(|p| p.interfaces.clone()).unwrap_or_default(),
+                sockets,
+                counters: engine.counters(&uid).ok(),
+                status,
+            }
+        })
+        .collect();
+    ControlResponse {
+        ok: true,
+        pods: Some(pods),
+        proxies: Some(agent.proxies()),
+        pin_dir: Some(engine.pin_dir().to_path_buf()),
+        ..Default::default()
     }
 }
 

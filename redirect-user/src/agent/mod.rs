@@ -7,6 +7,14 @@
 //! has it: it is reported `ready` only once a proxy acked it and its listeners are in
 //! place. The pod list is kept in `<state_dir>/pods.json` so that a restarted agent takes
 //! its pods back (the redirection itself never went away: it is pinned).
+//!
+//! A pod is removed in this order: every proxy is told, the redirection is undone, and
+//! only then is the removal saved. An un-enrolment that fails half-way leaves the pod
+//! `releasing` (saved as such) and retried until it completes, after a restart too.
+//!
+//! Engine calls (setns, netlink, bpf syscalls), listener discovery and state file
+//! writes run off the async runtime (`spawn_blocking`), so that a slow enrolment never
+//! stalls the protocol, the control socket or other pods.
 
 pub mod control;
 pub mod discover;
@@ -41,6 +49,8 @@ use crate::{
 const DEADLINE: Duration = Duration::from_secs(5);
 /// How often pods without listeners are looked at again.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// Un-enrolments that failed half-way are tried again every this many reconcile ticks.
+const RELEASE_RETRY_TICKS: u64 = 2;
 
 /// A pod as the CNI plugin (or `redirect-user pod add`) describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +86,25 @@ pub enum PodState {
     FindingListeners,
     /// Redirected to the proxy's listeners.
     Ready,
+    /// Removal asked for; its un-enrolment has not completed yet (it failed half-way:
+    /// the detail says why) and is retried.
+    Releasing(String),
+}
+
+impl PodState {
+    fn releasing(&self) -> bool {
+        matches!(self, PodState::Releasing(_))
+    }
+}
+
+/// A pod as `pods.json` keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedPod {
+    #[serde(flatten)]
+    spec: PodSpec,
+    /// Its removal was asked for and has not completed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    releasing: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -141,6 +170,12 @@ impl Conn {
 struct Inner {
     engine: Arc<Engine>,
     state_file: PathBuf,
+    /// Held while the state file is written (from a snapshot taken under it, so that
+    /// the last write is always of the newest state).
+    writing: Mutex<()>,
+    /// Held across an enrolment or un-enrolment with the engine and the check that
+    /// goes with it, so that a retried removal never undoes a pod added again meanwhile.
+    lifecycle: Mutex<()>,
     pods: Mutex<BTreeMap<String, Pod>>,
     /// Connected proxies, newest last.
     conns: Mutex<Vec<Conn>>,
@@ -165,12 +200,14 @@ impl Agent {
             inner: Arc::new(Inner {
                 engine,
                 state_file: state_file.clone(),
+                writing: Mutex::new(()),
+                lifecycle: Mutex::new(()),
                 pods: Mutex::new(BTreeMap::new()),
                 conns: Mutex::new(Vec::new()),
                 next_conn: AtomicU64::new(1),
             }),
         };
-        let specs: Vec<PodSpec> = match std::fs::read(&state_file) {
+        let saved: Vec<SavedPod> = match std::fs::read(&state_file) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| AgentError::State {
                 path: state_file.clone(),
                 detail: e.to_string(),
@@ -183,9 +220,17 @@ impl Agent {
                 });
             }
         };
-        for spec in specs {
+        for SavedPod { spec, releasing } in saved {
             let uid = spec.uid.clone();
-            match agent.enrol_locally(spec) {
+            if releasing {
+                agent.release_after_restart(spec);
+                continue;
+            }
+            let netns = Netns::open(&spec.netns).map_err(|source| AgentError::Netns {
+                uid: uid.clone(),
+                source,
+            });
+            match netns.and_then(|netns| agent.enrol_locally(spec, netns)) {
                 Ok(()) => info!(uid, "agent: pod taken back after a restart"),
                 Err(e) => {
                     warn!(uid, error = %e, "agent: pod of an earlier run let go");
@@ -204,23 +249,53 @@ impl Agent {
                 let _ = agent.inner.engine.unenrol(&p.uid);
             }
         }
-        agent.persist();
+        agent.persist_now();
         Ok(agent)
+    }
+
+    /// A pod whose removal had not completed when the agent stopped: finish it, in its
+    /// namespace if it still exists; kept as releasing if it fails again.
+    fn release_after_restart(&self, spec: PodSpec) {
+        let uid = spec.uid.clone();
+        let engine = &self.inner.engine;
+        let Ok(netns) = Netns::open(&spec.netns) else {
+            // The namespace is gone, and what was in it with it.
+            match engine.unenrol(&uid) {
+                Ok(_) => info!(uid, "agent: removal of a pod completed after a restart"),
+                Err(e) => {
+                    warn!(uid, error = %e, "agent: removal still incomplete; the engine retries it")
+                }
+            }
+            return;
+        };
+        match engine.unenrol_in(&uid, &netns) {
+            Ok(_) => info!(uid, "agent: removal of a pod completed after a restart"),
+            Err(e) => {
+                warn!(uid, error = %e, "agent: removal still incomplete; retried");
+                self.inner.pods.lock().unwrap().insert(
+                    uid,
+                    Pod {
+                        spec,
+                        netns,
+                        state: PodState::Releasing(e.to_string()),
+                        proxy_pid: None,
+                    },
+                );
+            }
+        }
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.inner.engine
     }
 
-    fn enrol_locally(&self, spec: PodSpec) -> Result<(), AgentError> {
-        let netns = Netns::open(&spec.netns).map_err(|source| AgentError::Netns {
-            uid: spec.uid.clone(),
-            source,
-        })?;
+    /// Enrols a pod with the engine and records it. Blocking: call it off the runtime.
+    fn enrol_locally(&self, spec: PodSpec, netns: Netns) -> Result<(), AgentError> {
         let options = PodOptions {
             dns_capture: spec.dns_capture,
             interfaces: None,
         };
+        let _lifecycle = self.inner.lifecycle.lock().unwrap();
         self.inner
             .engine
             .enrol(&spec.uid, &netns, &options, &PodSockets::default())?;
@@ -237,22 +312,40 @@ impl Agent {
         Ok(())
     }
 
-    fn persist(&self) {
-        let specs: Vec<PodSpec> = self
+    /// Saves the pod list, off the runtime.
+    async fn persist(&self) {
+        let agent = self.clone();
+        blocking(move || agent.persist_now()).await
+    }
+
+    /// Saves the pod list: written to a temporary file, synced, renamed over the old one,
+    /// so that a crash leaves either list whole.
+    fn persist_now(&self) {
+        let _writing = self.inner.writing.lock().unwrap();
+        let saved: Vec<SavedPod> = self
             .inner
             .pods
             .lock()
             .unwrap()
             .values()
-            .map(|p| p.spec.clone())
+            .map(|p| SavedPod {
+                spec: p.spec.clone(),
+                releasing: p.state.releasing(),
+            })
             .collect();
-        let tmp = self.inner.state_file.with_extension("json.tmp");
-        let r = serde_json::to_vec_pretty(&specs)
+        let path = &self.inner.state_file;
+        let tmp = path.with_extension("json.tmp");
+        let r = serde_json::to_vec_pretty(&saved)
             .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
-            .and_then(|()| std::fs::rename(&tmp, &self.inner.state_file));
+            .and_then(|b| {
+                use std::io::Write as _;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&b)?;
+                f.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&tmp, path));
         if let Err(e) = r {
-            warn!(path = %self.inner.state_file.display(), error = %e, "agent: cannot save the pod list");
+            warn!(path = %path.display(), error = %e, "agent: cannot save the pod list");
         }
     }
 
@@ -262,11 +355,21 @@ impl Agent {
         let uid = spec.uid.clone();
         let same = {
             let pods = self.inner.pods.lock().unwrap();
-            pods.get(&uid).is_some_and(|p| p.spec == spec)
+            pods.get(&uid)
+                .is_some_and(|p| p.spec == spec && !p.state.releasing())
         };
         if !same {
-            self.enrol_locally(spec)?;
-            self.persist();
+            let agent = self.clone();
+            blocking(move || {
+                // Opening the path can block too (a namespace on a stuck filesystem).
+                let netns = Netns::open(&spec.netns).map_err(|source| AgentError::Netns {
+                    uid: spec.uid.clone(),
+                    source,
+                })?;
+                agent.enrol_locally(spec, netns)
+            })
+            .await?;
+            self.persist().await;
         }
         let newest = self.inner.conns.lock().unwrap().last().cloned();
         match newest {
@@ -275,29 +378,97 @@ impl Agent {
         }
     }
 
-    /// Un-enrols a pod and tells every proxy.
+    /// Removes a pod: tells every proxy, undoes its redirection, and only then saves
+    /// the removal. If the un-enrolment fails half-way the pod stays, `Releasing`, and
+    /// is retried (the error is returned).
     pub async fn del_pod(&self, uid: &str) -> Result<(), AgentError> {
-        let pod = self.inner.pods.lock().unwrap().remove(uid);
-        let Some(_pod) = pod else {
-            return Err(AgentError::Unknown(uid.into()));
+        let first = {
+            let mut pods = self.inner.pods.lock().unwrap();
+            let Some(p) = pods.get_mut(uid) else {
+                return Err(AgentError::Unknown(uid.into()));
+            };
+            let first = !p.state.releasing();
+            p.state = PodState::Releasing("removal under way".into());
+            p.proxy_pid = None;
+            first
         };
-        self.persist();
-        self.inner.engine.unenrol(uid)?;
-        let conns: Vec<Conn> = self.inner.conns.lock().unwrap().clone();
-        for c in conns {
-            match c.call(Request::Del { uid: uid.into() }, None).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(
-                    uid,
-                    pid = c.pid,
-                    reason = e,
-                    "agent: proxy refused the delete"
-                ),
-                Err(e) => warn!(uid, pid = c.pid, error = e, "agent: delete not delivered"),
+        if first {
+            let conns: Vec<Conn> = self.inner.conns.lock().unwrap().clone();
+            for c in conns {
+                match c.call(Request::Del { uid: uid.into() }, None).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!(
+                        uid,
+                        pid = c.pid,
+                        reason = e,
+                        "agent: proxy refused the delete"
+                    ),
+                    Err(e) => warn!(uid, pid = c.pid, error = e, "agent: delete not delivered"),
+                }
             }
         }
-        info!(uid, "agent: pod removed");
-        Ok(())
+        self.release(uid).await
+    }
+
+    /// Un-enrols a releasing pod (off the runtime); forgets it and saves that only once
+    /// the un-enrolment completed.
+    async fn release(&self, uid: &str) -> Result<(), AgentError> {
+        let agent = self.clone();
+        let owned_uid = uid.to_string();
+        let result = blocking(move || {
+            let uid = owned_uid;
+            let _lifecycle = agent.inner.lifecycle.lock().unwrap();
+            let netns = {
+                let pods = agent.inner.pods.lock().unwrap();
+                match pods.get(&uid) {
+                    // Added again meanwhile (or already removed): not ours to undo.
+                    Some(p) if p.state.releasing() => p.netns.try_clone().ok(),
+                    _ => return Ok(false),
+                }
+            };
+            let engine = &agent.inner.engine;
+            let r = match &netns {
+                Some(ns) => engine.unenrol_in(&uid, ns),
+                None => engine.unenrol(&uid),
+            };
+            let mut pods = agent.inner.pods.lock().unwrap();
+            match r {
+                Ok(_) => {
+                    pods.remove(&uid);
+                    Ok(true)
+                }
+                Err(e) => {
+                    if let Some(p) = pods.get_mut(&uid) {
+                        p.state = PodState::Releasing(e.to_string());
+                    }
+                    Err(e)
+                }
+            }
+        })
+        .await;
+        self.persist().await;
+        match result {
+            Ok(true) => {
+                info!(uid, "agent: pod removed");
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => {
+                warn!(uid, error = %e, "agent: pod removal incomplete; it stays releasing and is retried");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Retries the removals that failed half-way, the agent's and the engine's own.
+    async fn retry_releases(&self) {
+        for uid in self.uids_in(PodState::releasing) {
+            let _ = self.release(&uid).await;
+        }
+        let engine = self.inner.engine.clone();
+        for (uid, e) in blocking(move || engine.finish_releases()).await {
+            warn!(uid, error = %e, "agent: un-enrolment still incomplete; retried");
+        }
     }
 
     pub fn list(&self) -> Vec<PodStatus> {
@@ -335,7 +506,10 @@ impl Agent {
     }
 
     fn set_state(&self, uid: &str, state: PodState, pid: Option<i32>) {
-        if let Some(p) = self.inner.pods.lock().unwrap().get_mut(uid) {
+        // A pod being removed stays so, whatever a proxy answered meanwhile.
+        if let Some(p) = self.inner.pods.lock().unwrap().get_mut(uid)
+            && !p.state.releasing()
+        {
             p.state = state;
             p.proxy_pid = pid;
         }
@@ -345,7 +519,7 @@ impl Agent {
     async fn hand_to(&self, conn: &Conn, uid: &str) -> PodState {
         let (req, fd) = {
             let pods = self.inner.pods.lock().unwrap();
-            let Some(p) = pods.get(uid) else {
+            let Some(p) = pods.get(uid).filter(|p| !p.state.releasing()) else {
                 return PodState::WaitingForProxy;
             };
             let fd = p.netns.as_fd().try_clone_to_owned().ok();
@@ -358,7 +532,7 @@ impl Agent {
             )
         };
         let state = match conn.call(req, fd).await {
-            Ok(Ok(())) => self.install_listeners(uid, conn.pid),
+            Ok(Ok(())) => self.install_listeners(uid, conn.pid).await,
             Ok(Err(reason)) => {
                 warn!(
                     uid,
@@ -383,28 +557,50 @@ impl Agent {
     }
 
     /// Finds the listeners proxy `pid` opened in the pod and gives them to the engine.
-    fn install_listeners(&self, uid: &str, pid: i32) -> PodState {
-        let found = {
+    async fn install_listeners(&self, uid: &str, pid: i32) -> PodState {
+        let agent = self.clone();
+        let uid = uid.to_string();
+        blocking(move || agent.install_listeners_now(&uid, pid)).await
+    }
+
+    /// `install_listeners`, blocking: the scan of the proxy's sockets runs without the
+    /// pods lock.
+    fn install_listeners_now(&self, uid: &str, pid: i32) -> PodState {
+        let netns = {
             let pods = self.inner.pods.lock().unwrap();
             let Some(p) = pods.get(uid) else {
                 return PodState::WaitingForProxy;
             };
-            discover::find_listeners(pid, &p.netns)
+            p.netns.try_clone()
         };
+        let found = netns.and_then(|ns| discover::find_listeners(pid, &ns));
         match found {
-            Ok(f) if f.complete() => match self.inner.engine.set_sockets(uid, &f.sockets()) {
-                Ok(()) => {
-                    info!(
-                        uid,
-                        pid, "agent: pod ready, redirected to its proxy's listeners"
-                    );
-                    PodState::Ready
+            Ok(f) if f.complete() => {
+                let _lifecycle = self.inner.lifecycle.lock().unwrap();
+                let releasing = self
+                    .inner
+                    .pods
+                    .lock()
+                    .unwrap()
+                    .get(uid)
+                    .is_none_or(|p| p.state.releasing());
+                if releasing {
+                    return PodState::WaitingForProxy;
                 }
-                Err(e) => {
-                    warn!(uid, pid, error = %e, "agent: listeners refused by the engine");
-                    PodState::FindingListeners
+                match self.inner.engine.set_sockets(uid, &f.sockets()) {
+                    Ok(()) => {
+                        info!(
+                            uid,
+                            pid, "agent: pod ready, redirected to its proxy's listeners"
+                        );
+                        PodState::Ready
+                    }
+                    Err(e) => {
+                        warn!(uid, pid, error = %e, "agent: listeners refused by the engine");
+                        PodState::FindingListeners
+                    }
                 }
-            },
+            }
             Ok(_) => PodState::FindingListeners,
             Err(e) => {
                 warn!(uid, pid, error = %e, "agent: cannot look at the proxy's sockets");
@@ -472,8 +668,7 @@ impl Agent {
         };
         let io = tokio::spawn(conn_io(sock, rx, pid));
         // Snapshot first, then the connection becomes the newest: Adds go to it.
-        let uids: Vec<String> = self.inner.pods.lock().unwrap().keys().cloned().collect();
-        for uid in uids {
+        for uid in self.uids_in(|s| !s.releasing()) {
             self.hand_to(&conn, &uid).await;
         }
         match conn.call(Request::SnapshotSent, None).await {
@@ -492,7 +687,7 @@ impl Agent {
             "agent: proxy disconnected; its pods stay redirected and refuse connections until a proxy takes them"
         );
         for p in self.inner.pods.lock().unwrap().values_mut() {
-            if p.proxy_pid == Some(pid) {
+            if p.proxy_pid == Some(pid) && !p.state.releasing() {
                 p.state = PodState::WaitingForProxy;
                 p.proxy_pid = None;
             }
@@ -503,8 +698,11 @@ impl Agent {
     /// whose proxy refused them (it retries by itself): look again.
     async fn reconcile_loop(self) {
         let mut tick = tokio::time::interval(RECONCILE_EVERY);
-        loop {
+        for n in 1u64.. {
             tick.tick().await;
+            if n % RELEASE_RETRY_TICKS == 0 {
+                self.retry_releases().await;
+            }
             let Some(newest) = self.inner.conns.lock().unwrap().last().cloned() else {
                 continue;
             };
@@ -515,7 +713,7 @@ impl Agent {
             let todo = self
                 .uids_in(|s| matches!(s, PodState::FindingListeners | PodState::ProxyRefused(_)));
             for uid in todo {
-                let state = self.install_listeners(&uid, newest.pid);
+                let state = self.install_listeners(&uid, newest.pid).await;
                 if state == PodState::Ready {
                     self.set_state(&uid, state, Some(newest.pid));
                 }
@@ -529,6 +727,16 @@ impl Agent {
             .filter(|(_, p)| state(&p.state))
             .map(|(u, _)| u.clone())
             .collect()
+    }
+}
+
+/// Runs blocking work (setns, netlink, bpf syscalls, /proc scans, file writes) on
+/// tokio's blocking pool, so that it never holds a runtime thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("agent: blocking task cancelled: {e}"),
     }
 }
 

@@ -226,15 +226,52 @@ impl Engine {
         pod::set_sockets(maps, uid, pod.record.netns_cookie, sockets)
     }
 
-    /// Undoes everything `enrol` did. Returns false if the pod was not enrolled.
+    /// Undoes everything `enrol` did. Returns false if the pod was not enrolled. If a
+    /// step fails, the pod is kept as releasing (`EnrolledPod::releasing`) with its
+    /// pinned record naming what is left, and calling this again (or
+    /// `finish_releases`) finishes the job.
     pub fn unenrol(&self, uid: &str) -> Result<bool, EnrolError> {
+        self.unenrol_with(uid, None)
+    }
+
+    /// Like `unenrol`, given the pod's namespace: a pod found in pinned state (after a
+    /// restart) is then undone inside its namespace too.
+    pub fn unenrol_in(&self, uid: &str, netns: &crate::netns::Netns) -> Result<bool, EnrolError> {
+        self.unenrol_with(uid, Some(netns))
+    }
+
+    fn unenrol_with(
+        &self,
+        uid: &str,
+        netns: Option<&crate::netns::Netns>,
+    ) -> Result<bool, EnrolError> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let Inner { maps, pods, .. } = &mut *inner;
-        let Some(state) = pods.remove(uid) else {
+        let Some(state) = pods.get_mut(uid) else {
             return Ok(false);
         };
-        pod::unenrol(maps, &self.pin_dir, uid, state)?;
+        // Forgotten only once everything is undone.
+        pod::unenrol(maps, &self.pin_dir, uid, state, netns)?;
+        pods.remove(uid);
         Ok(true)
+    }
+
+    /// Tries again every un-enrolment that failed half-way; returns those that failed
+    /// again (they stay releasing).
+    pub fn finish_releases(&self) -> Vec<(String, EnrolError)> {
+        let releasing: Vec<String> = {
+            let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            inner
+                .pods
+                .iter()
+                .filter(|(_, s)| s.releasing())
+                .map(|(uid, _)| uid.clone())
+                .collect()
+        };
+        releasing
+            .into_iter()
+            .filter_map(|uid| self.unenrol(&uid).err().map(|e| (uid, e)))
+            .collect()
     }
 
     pub fn pods(&self) -> Vec<EnrolledPod> {

@@ -1,6 +1,12 @@
 //! Enrolling and un-enrolling one pod: map writes, the sk_lookup link, and inside the
 //! pod's namespace the return routing, `accept_local` and the tc filters. Every step
 //! that succeeded is undone if a later one fails.
+//!
+//! The pinned record (`pod_index`) says what the engine created in the namespace, so
+//! that un-enrolment removes exactly that (an identical rule found in place, as an
+//! upstream agent leaves it during a migration, is not ours to delete). It stays until
+//! un-enrolment completed: one that fails half-way leaves the pod "releasing", with
+//! the record naming what is left, and the next attempt finishes the job.
 
 use std::{
     collections::BTreeMap,
@@ -30,6 +36,20 @@ const TC_HANDLE: TcHandle = TcHandle::new(0, 0x539);
 /// (bit i for interface i, `CLSACT_LO` for lo), removed again at un-enrolment.
 const CLSACT_BASE: u32 = 1 << 8;
 const CLSACT_LO: u32 = 1 << 15;
+/// `PodRecord::owned` bits: the return rule and route of each family, created by the
+/// engine (not found already there).
+const OWN_RULE_V4: u32 = 1;
+const OWN_RULE_V6: u32 = 1 << 1;
+const OWN_ROUTE_V4: u32 = 1 << 2;
+const OWN_ROUTE_V6: u32 = 1 << 3;
+/// Our tc filters (priority 1, handle 0x539) may be attached.
+const OWN_FILTERS: u32 = 1 << 4;
+const OWN_ALL: u32 = OWN_RULE_V4 | OWN_RULE_V6 | OWN_ROUTE_V4 | OWN_ROUTE_V6 | OWN_FILTERS;
+/// The record tracks ownership. Records pinned by earlier versions do not: everything
+/// they name was made by the engine, as those versions took it.
+const OWN_TRACKED: u32 = 1 << 30;
+/// Un-enrolment is under way (it failed half-way and is retried).
+const RELEASING: u32 = 1 << 31;
 const SO_NETNS_COOKIE: libc::c_int = 71;
 /// The proxy sockets a pod can have: (port, protocol).
 pub(crate) const SOCKET_SLOTS: [(u16, u32); 5] = [
@@ -100,6 +120,9 @@ pub struct EnrolledPod {
     /// False for a pod found in pinned state whose namespace this process has not been
     /// given again: its redirection is in place but it cannot be changed until it is.
     pub netns_held: bool,
+    /// Its un-enrolment failed half-way: what is left is undone by the next
+    /// `unenrol` (or `finish_releases`, or `enrol` of the same uid).
+    pub releasing: bool,
 }
 
 pub(crate) struct PodState {
@@ -122,7 +145,20 @@ impl PodState {
             interfaces: ifaces_of(r).map(|(_, n)| n).collect(),
             dns_capture: r.flags & POD_DNS_CAPTURE != 0,
             netns_held: self.netns.is_some(),
+            releasing: self.releasing(),
         }
+    }
+
+    pub fn releasing(&self) -> bool {
+        self.record.owned & RELEASING != 0
+    }
+}
+
+/// A record pinned by an earlier version tracks no ownership: take everything it names
+/// as the engine's, as that version did.
+fn upgrade_legacy(record: &mut PodRecord) {
+    if record.owned & OWN_TRACKED == 0 {
+        record.owned |= OWN_TRACKED | OWN_ALL;
     }
 }
 
@@ -330,6 +366,13 @@ pub(crate) fn enrol(
         return Err(EnrolError::InvalidUid { uid: uid.into() });
     }
     let mut outcome = EnrolOutcome::Enrolled;
+    if let Some(state) = pods.get_mut(uid)
+        && state.releasing()
+    {
+        // An earlier un-enrolment of this uid failed half-way: finish it first.
+        unenrol(maps, pin_dir, uid, state, Some(netns))?;
+        pods.remove(uid);
+    }
     if let Some(state) = pods.get_mut(uid) {
         let same = state.record.netns_dev == netns.dev() && state.record.netns_ino == netns.ino();
         if same {
@@ -365,8 +408,9 @@ pub(crate) fn enrol(
             }
             return Ok(EnrolOutcome::AlreadyEnrolled);
         }
-        let old = pods.remove(uid).expect("present");
-        unenrol(maps, pin_dir, uid, old)?;
+        // Forgotten only once undone: on failure it stays, releasing, to be retried.
+        unenrol(maps, pin_dir, uid, state, None)?;
+        pods.remove(uid);
         outcome = EnrolOutcome::Replaced;
     }
 
@@ -402,23 +446,35 @@ pub(crate) fn enrol(
         },
         ifaces: [[0; IFNAME_LEN]; MAX_POD_IFACES],
         accept_local_before: [0; MAX_POD_IFACES],
-        _pad: 0,
+        owned: OWN_TRACKED,
     };
     for (i, (name, _)) in info.ifaces.iter().enumerate() {
         record.ifaces[i][..name.len()].copy_from_slice(name.as_bytes());
     }
 
     let t_read = started.elapsed();
+    // Addresses another enrolled pod holds: given back if this enrolment fails.
+    let taken: Vec<(AddrKey, PodAddr)> = info
+        .addrs
+        .iter()
+        .map(addr_key)
+        .filter_map(|k| {
+            let owner = maps.pod_addrs.get(&k, 0).ok()?;
+            (owner.netns != info.cookie).then_some((k, owner))
+        })
+        .collect();
     // 2. Maps, then 3. the sk_lookup link, then 4. the namespace: each undone on failure.
-    let mut taken = Vec::new();
-    if let Err(e) = write_maps(maps, uid, &record, &info, sockets, &mut taken) {
-        undo_maps(maps, uid, &record, &taken);
+    let mut written = Vec::new();
+    if let Err(e) = write_maps(maps, uid, &record, &info, sockets, &mut written) {
+        remove_maps(maps, uid, &record, &written);
+        give_back_addrs(maps, pods, uid, &taken);
         return Err(e);
     }
     let t_maps = started.elapsed();
     let link_path = pin_dir.join("links").join(uid);
     if let Err(e) = attach_sk_lookup(ebpf, netns, &link_path) {
-        undo_maps(maps, uid, &record, &taken);
+        remove_maps(maps, uid, &record, &written);
+        give_back_addrs(maps, pods, uid, &taken);
         return Err(step(uid, "attach sk_lookup")(e));
     }
     let t_link = started.elapsed();
@@ -430,9 +486,16 @@ pub(crate) fn enrol(
         })
         .and_then(|r| r);
     if let Err(e) = applied {
-        let _ = netns.run(|| undo_in_ns(&record, uid));
-        detach_sk_lookup(&link_path);
-        undo_maps(maps, uid, &record, &taken);
+        let mut state = PodState {
+            netns: Some(ns),
+            record,
+            addrs: written,
+        };
+        if let Err(undo) = unenrol(maps, pin_dir, uid, &mut state, None) {
+            warn!(uid, error = %undo, "redirect: a failed enrolment is not undone completely; the pod is kept as releasing");
+            pods.insert(uid.into(), state);
+        }
+        give_back_addrs(maps, pods, uid, &taken);
         return Err(e);
     }
     // The record now knows which clsact qdiscs were ours.
@@ -462,22 +525,48 @@ pub(crate) fn enrol(
         PodState {
             netns: Some(ns),
             record,
-            addrs: taken.iter().map(|(k, _)| *k).collect(),
+            addrs: written,
         },
     );
     Ok(outcome)
 }
 
-/// Writes the pod's map entries. `taken` gets each address written, with the entry it
-/// replaced (an address taken over from a pod that went without un-enrolment), so that
-/// a failed enrolment can give it back.
+/// Gives the addresses a failed enrolment took over back to the pods still holding
+/// them: a failed enrolment must not cost another pod its inbound redirection.
+fn give_back_addrs(
+    maps: &mut Maps,
+    pods: &BTreeMap<String, PodState>,
+    uid: &str,
+    taken: &[(AddrKey, PodAddr)],
+) {
+    for (key, owner) in taken {
+        let still_there = pods
+            .values()
+            .any(|p| p.record.netns_cookie == owner.netns && p.record.id == owner.pod);
+        if !still_there {
+            continue;
+        }
+        match maps.pod_addrs.insert(key, owner, 0) {
+            Ok(()) => info!(
+                uid,
+                other_pod = owner.pod,
+                "redirect: address given back to its pod after a failed enrolment"
+            ),
+            Err(e) => {
+                warn!(uid, other_pod = owner.pod, error = %e, "redirect: cannot give an address back to its pod")
+            }
+        }
+    }
+}
+
+/// Writes the pod's map entries; `written` gets each address entry written.
 fn write_maps(
     maps: &mut Maps,
     uid: &str,
     record: &PodRecord,
     info: &NsInfo,
     sockets: &PodSockets<'_>,
-    taken: &mut Vec<(AddrKey, Option<PodAddr>)>,
+    written: &mut Vec<AddrKey>,
 ) -> Result<(), EnrolError> {
     let cfg = PodConfig {
         id: record.id,
@@ -490,8 +579,7 @@ fn write_maps(
         .map_err(|e| full_or(uid, "pod index", maps.pod_index_capacity(), e))?;
     for a in &info.addrs {
         let key = addr_key(a);
-        let before = maps.pod_addrs.get(&key, 0).ok();
-        if let Some(other) = before
+        if let Ok(other) = maps.pod_addrs.get(&key, 0)
             && other.netns != info.cookie
         {
             // The address moved to a new pod (the old one went without un-enrolment).
@@ -505,7 +593,7 @@ fn write_maps(
         maps.pod_addrs
             .insert(key, owner, 0)
             .map_err(|e| full_or(uid, "pod addresses", MAX_POD_ADDRS, e))?;
-        taken.push((key, before.filter(|b| b.netns != info.cookie)));
+        written.push(key);
     }
     set_sockets(maps, uid, info.cookie, sockets)?;
     // Last: from here on the programs treat the namespace as enrolled.
@@ -604,17 +692,6 @@ fn remove_maps(maps: &mut Maps, uid: &str, record: &PodRecord, addrs: &[AddrKey]
     let _ = maps.pod_index.remove(&uid_key(uid));
 }
 
-/// Undoes a failed enrolment's map writes, giving taken-over addresses back.
-fn undo_maps(maps: &mut Maps, uid: &str, record: &PodRecord, taken: &[(AddrKey, Option<PodAddr>)]) {
-    let keys: Vec<AddrKey> = taken.iter().map(|(k, _)| *k).collect();
-    remove_maps(maps, uid, record, &keys);
-    for (k, before) in taken {
-        if let Some(v) = before {
-            let _ = maps.pod_addrs.insert(*k, *v, 0);
-        }
-    }
-}
-
 fn attach_sk_lookup(ebpf: &mut Ebpf, netns: &Netns, pin: &Path) -> Result<(), String> {
     let prog: &mut SkLookup = ebpf
         .program_mut(names::PROG_SK_LOOKUP)
@@ -629,18 +706,15 @@ fn attach_sk_lookup(ebpf: &mut Ebpf, netns: &Netns, pin: &Path) -> Result<(), St
     Ok(())
 }
 
-fn detach_sk_lookup(pin: &Path) {
-    match PinnedLink::from_pin(pin) {
-        Ok(link) => {
-            if let Err(e) = link.unpin() {
-                warn!(path = %pin.display(), error = %e, "redirect: cannot unpin sk_lookup link");
-            }
-            // Dropping the last reference detaches the program.
-        }
-        Err(e) => {
-            debug!(path = %pin.display(), error = %e, "redirect: no sk_lookup link to remove")
-        }
+/// Unpins the pod's sk_lookup link (dropping the last reference detaches it). A link
+/// that is not there counts as removed.
+fn detach_sk_lookup(pin: &Path) -> Result<(), String> {
+    if !pin.exists() {
+        debug!(path = %pin.display(), "redirect: no sk_lookup link to remove");
+        return Ok(());
     }
+    let link = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?;
+    link.unpin().map(drop).map_err(|e| e.to_string())
 }
 
 /// Attaches (or, if one of ours is there from an earlier run, replaces) a tc filter.
@@ -669,14 +743,6 @@ fn attach_tc(ebpf: &mut Ebpf, prog: &str, iface: &str, ty: TcAttachType) -> Resu
     Ok(())
 }
 
-fn detach_tc(iface: &str, ty: TcAttachType) -> Result<(), String> {
-    use aya::programs::links::Link as _;
-    SchedClassifierLink::attached(iface, ty, TC_PRIORITY, TC_HANDLE, None)
-        .map_err(|e| e.to_string())?
-        .detach()
-        .map_err(|e| e.to_string())
-}
-
 fn accept_local_path(iface: &str) -> String {
     format!("/proc/sys/net/ipv4/conf/{iface}/accept_local")
 }
@@ -690,15 +756,40 @@ fn apply_in_ns(
     uid: &str,
 ) -> Result<(), EnrolError> {
     let err = |s: &'static str| step(uid, s);
+    upgrade_legacy(record);
     let mut nl = Netlink::open().map_err(|e| err("netlink")(e.to_string()))?;
     for v6 in [false, true] {
         if v6 && !info.ipv6 {
             continue;
         }
-        nl.add_rule(v6, RETURN_MARK, MARK_MASK, RULE_PREF, ROUTE_TABLE)
-            .map_err(|e| err("add rule")(e.to_string()))?;
-        nl.add_local_default(v6, info.lo, ROUTE_TABLE)
-            .map_err(|e| err("add route")(e.to_string()))?;
+        let (rule, route) = if v6 {
+            (OWN_RULE_V6, OWN_ROUTE_V6)
+        } else {
+            (OWN_RULE_V4, OWN_ROUTE_V4)
+        };
+        // Found already there and not ours: used, and left in place at un-enrolment.
+        if nl
+            .add_rule(v6, RETURN_MARK, MARK_MASK, RULE_PREF, ROUTE_TABLE)
+            .map_err(|e| err("add rule")(e.to_string()))?
+        {
+            record.owned |= rule;
+        } else if record.owned & rule == 0 {
+            info!(
+                uid,
+                v6, "redirect: return rule already in the pod; adopted, kept at un-enrolment"
+            );
+        }
+        if nl
+            .add_local_default(v6, info.lo, ROUTE_TABLE)
+            .map_err(|e| err("add route")(e.to_string()))?
+        {
+            record.owned |= route;
+        } else if record.owned & route == 0 {
+            info!(
+                uid,
+                v6, "redirect: return route already in the pod; adopted, kept at un-enrolment"
+            );
+        }
     }
     for (i, (name, _)) in info.ifaces.iter().enumerate() {
         let path = accept_local_path(name);
@@ -722,6 +813,7 @@ fn apply_in_ns(
             record.flags |= bit;
         }
     }
+    record.owned |= OWN_FILTERS;
     for (name, _) in &info.ifaces {
         attach_tc(ebpf, names::PROG_INGRESS, name, TcAttachType::Ingress)
             .map_err(err("attach tc ingress"))?;
@@ -735,64 +827,77 @@ fn apply_in_ns(
     Ok(())
 }
 
-/// Inside the pod namespace: undoes `apply_in_ns`, as far as it got. Best effort: every
-/// step is tried; the first failure is returned.
-fn undo_in_ns(record: &PodRecord, uid: &str) -> Result<(), EnrolError> {
+/// Inside the pod namespace: undoes what `apply_in_ns` did and the record says the
+/// engine owns. Every step is tried; each one done is cleared from the record, so a
+/// later call does only what is left (and a step found already undone counts as done).
+/// The first failure is returned.
+fn undo_in_ns(record: &mut PodRecord, uid: &str) -> Result<(), EnrolError> {
     let mut first: Option<EnrolError> = None;
-    let mut keep = |r: Result<(), EnrolError>| {
-        if let Err(e) = r {
-            warn!(uid, error = %e, "redirect: un-enrolment step failed");
-            first.get_or_insert(e);
-        }
+    let mut keep = |what: &'static str, e: String| {
+        let e = step(uid, what)(e);
+        warn!(uid, error = %e, "redirect: un-enrolment step failed");
+        first.get_or_insert(e);
     };
     let ifaces: Vec<(usize, String)> = ifaces_of(record).collect();
-    for (_, name) in &ifaces {
-        let _ = detach_tc(name, TcAttachType::Egress);
-    }
-    let _ = detach_tc("lo", TcAttachType::Egress);
-    for (_, name) in &ifaces {
-        let _ = detach_tc(name, TcAttachType::Ingress);
-    }
-    match Netlink::open() {
-        Ok(mut nl) => {
-            let links = nl.links().unwrap_or_default();
-            for (i, name) in &ifaces {
-                if record.flags & (CLSACT_BASE << i) != 0
-                    && let Some(l) = links.iter().find(|l| &l.name == name)
-                {
-                    keep(
-                        nl.del_clsact(l.index)
-                            .map(|_| ())
-                            .map_err(|e| step(uid, "delete clsact")(e.to_string())),
-                    );
+    let links = Netlink::open().and_then(|mut nl| nl.links().map(|l| (nl, l)));
+    match links {
+        Ok((mut nl, links)) => {
+            // An interface that is gone took its filters and qdiscs with it.
+            let index = |name: &str| links.iter().find(|l| l.name == name).map(|l| l.index);
+            let lo = links.iter().find(|l| l.loopback).map(|l| l.index);
+            if record.owned & OWN_FILTERS != 0 {
+                // Egress first: it is what starts steering.
+                let filters = ifaces
+                    .iter()
+                    .map(|(_, n)| (index(n), true))
+                    .chain([(lo, true)])
+                    .chain(ifaces.iter().map(|(_, n)| (index(n), false)));
+                let mut all = true;
+                for (ifindex, egress) in filters {
+                    let Some(ifindex) = ifindex else { continue };
+                    if let Err(e) = nl.del_filter(ifindex, egress, TC_PRIORITY, TC_HANDLE.into()) {
+                        all = false;
+                        keep("delete tc filter", e.to_string());
+                    }
+                }
+                if all {
+                    record.owned &= !OWN_FILTERS;
                 }
             }
-            if let Some(lo) = links.iter().find(|l| l.loopback) {
-                if record.flags & CLSACT_LO != 0 {
-                    keep(
-                        nl.del_clsact(lo.index)
-                            .map(|_| ())
-                            .map_err(|e| step(uid, "delete clsact")(e.to_string())),
-                    );
+            let qdiscs = ifaces
+                .iter()
+                .map(|(i, n)| (CLSACT_BASE << i, index(n)))
+                .chain([(CLSACT_LO, lo)]);
+            for (bit, ifindex) in qdiscs {
+                if record.flags & bit == 0 {
+                    continue;
                 }
-                for v6 in [false, true] {
-                    if v6 && !Path::new("/proc/sys/net/ipv6").exists() {
-                        continue;
+                match ifindex.map(|i| nl.del_clsact(i)) {
+                    Some(Err(e)) => keep("delete clsact", e.to_string()),
+                    _ => record.flags &= !bit,
+                }
+            }
+            for v6 in [false, true] {
+                let (rule, route) = if v6 {
+                    (OWN_RULE_V6, OWN_ROUTE_V6)
+                } else {
+                    (OWN_RULE_V4, OWN_ROUTE_V4)
+                };
+                if record.owned & rule != 0 {
+                    match nl.del_rule(v6, RETURN_MARK, MARK_MASK, RULE_PREF, ROUTE_TABLE) {
+                        Ok(_) => record.owned &= !rule,
+                        Err(e) => keep("delete rule", e.to_string()),
                     }
-                    keep(
-                        nl.del_rule(v6, RETURN_MARK, MARK_MASK, RULE_PREF, ROUTE_TABLE)
-                            .map(|_| ())
-                            .map_err(|e| step(uid, "delete rule")(e.to_string())),
-                    );
-                    keep(
-                        nl.del_local_default(v6, lo.index, ROUTE_TABLE)
-                            .map(|_| ())
-                            .map_err(|e| step(uid, "delete route")(e.to_string())),
-                    );
+                }
+                if record.owned & route != 0 {
+                    match lo.map(|lo| nl.del_local_default(v6, lo, ROUTE_TABLE)) {
+                        Some(Err(e)) => keep("delete route", e.to_string()),
+                        _ => record.owned &= !route,
+                    }
                 }
             }
         }
-        Err(e) => keep(Err(step(uid, "netlink")(e.to_string()))),
+        Err(e) => keep("netlink", e.to_string()),
     }
     for (i, name) in &ifaces {
         let v = match record.accept_local_before[*i] {
@@ -801,42 +906,86 @@ fn undo_in_ns(record: &PodRecord, uid: &str) -> Result<(), EnrolError> {
             _ => continue,
         };
         let path = accept_local_path(name);
-        if Path::new(&path).exists() {
-            keep(
-                std::fs::write(&path, v)
-                    .map_err(|e| step(uid, "restore accept_local")(e.to_string())),
-            );
+        // No such interface any more: nothing to restore.
+        if !Path::new(&path).exists() {
+            record.accept_local_before[*i] = 0;
+            continue;
+        }
+        match std::fs::write(&path, v) {
+            Ok(()) => record.accept_local_before[*i] = 0,
+            Err(e) => keep("restore accept_local", e.to_string()),
         }
     }
     first.map_or(Ok(()), Err)
 }
 
+/// Does the record still name something to undo inside the namespace?
+fn left_in_ns(r: &PodRecord) -> bool {
+    r.owned & OWN_ALL != 0 || r.flags & !0xff != 0 || r.accept_local_before.iter().any(|&v| v != 0)
+}
+
+/// Writes the record to the pinned index (what is left to undo, and that it is).
+fn save_record(maps: &mut Maps, uid: &str, record: &PodRecord) {
+    if let Err(e) = maps.pod_index.insert(uid_key(uid), *record, 0) {
+        warn!(uid, error = %e, "redirect: cannot update the pod index");
+    }
+}
+
+/// Undoes a pod's enrolment. The pinned record is marked releasing first and removed
+/// last, only once everything is undone; on failure the pod stays releasing, its record
+/// naming what is left, and calling this again finishes the job. `given` is the pod's
+/// namespace when the caller has it and this process does not (a pod found in pinned
+/// state).
 pub(crate) fn unenrol(
     maps: &mut Maps,
     pin_dir: &Path,
     uid: &str,
-    state: PodState,
+    state: &mut PodState,
+    given: Option<&Netns>,
 ) -> Result<(), EnrolError> {
-    let record = state.record;
+    upgrade_legacy(&mut state.record);
+    if state.netns.is_none()
+        && let Some(ns) = given
+        && ns.dev() == state.record.netns_dev
+        && ns.ino() == state.record.netns_ino
+    {
+        state.netns = ns.try_clone().ok();
+    }
+    if !state.releasing() {
+        state.record.owned |= RELEASING;
+        save_record(maps, uid, &state.record);
+    }
     let mut result = Ok(());
-    if let Some(netns) = &state.netns {
-        result = netns
-            .run(|| undo_in_ns(&record, uid))
-            .map_err(|source| EnrolError::Netns {
-                uid: uid.into(),
-                source,
-            })
-            .and_then(|r| r);
-    } else {
-        warn!(
+    match &state.netns {
+        Some(netns) => {
+            let mut record = state.record;
+            result = netns
+                .run(|| undo_in_ns(&mut record, uid))
+                .map_err(|source| EnrolError::Netns {
+                    uid: uid.into(),
+                    source,
+                })
+                .and_then(|r| r);
+            state.record = record;
+        }
+        None if left_in_ns(&state.record) => warn!(
             uid,
             "redirect: un-enrolling a pod whose namespace this process never held; its tc filters and routes stay until the namespace goes"
-        );
+        ),
+        None => {}
     }
-    detach_sk_lookup(&pin_dir.join("links").join(uid));
-    remove_maps(maps, uid, &record, &state.addrs);
-    info!(uid, id = record.id, "redirect: pod un-enrolled");
-    result
+    if let Err(e) = detach_sk_lookup(&pin_dir.join("links").join(uid)) {
+        warn!(uid, error = %e, "redirect: un-enrolment step failed");
+        result = result.and(Err(step(uid, "detach sk_lookup")(e)));
+    }
+    if let Err(e) = result {
+        save_record(maps, uid, &state.record);
+        warn!(uid, id = state.record.id, error = %e, "redirect: un-enrolment incomplete; the pod is kept as releasing and retried");
+        return Err(e);
+    }
+    remove_maps(maps, uid, &state.record, &state.addrs);
+    info!(uid, id = state.record.id, "redirect: pod un-enrolled");
+    Ok(())
 }
 
 #[cfg(test)]
@@ -875,7 +1024,7 @@ mod tests {
             flags: 0,
             ifaces: [[0; IFNAME_LEN]; MAX_POD_IFACES],
             accept_local_before: [0; MAX_POD_IFACES],
-            _pad: 0,
+            owned: 0,
         };
         r.ifaces[0][..4].copy_from_slice(b"eth0");
         r.ifaces[1][..4].copy_from_slice(b"net1");
