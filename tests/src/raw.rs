@@ -109,7 +109,7 @@ pub fn l4_checksum(src: IpAddr, dst: IpAddr, proto: u8, data: &[u8]) -> u16 {
 /// IPv4 packets carrying `l4` (protocol 6), split so that the first fragment holds
 /// `first` bytes of it (a multiple of 8), the rest in one more fragment.
 pub fn ipv4_fragments(seg: &Segment, first: usize, id: u16) -> Vec<Vec<u8>> {
-    assert!(first % 8 == 0 && first > 0);
+    assert!(first.is_multiple_of(8) && first > 0);
     let l4 = seg.tcp_bytes();
     let (IpAddr::V4(s), IpAddr::V4(d)) = (seg.src.ip(), seg.dst.ip()) else {
         panic!("IPv4 addresses")
@@ -167,7 +167,7 @@ pub fn ipv6_with_dstopts(seg: &Segment, n: usize) -> Vec<u8> {
 /// IPv6 fragments of a TCP segment: the first holds `first` bytes of it (a multiple of
 /// 8), the rest in one more.
 pub fn ipv6_fragments(seg: &Segment, first: usize, id: u32) -> Vec<Vec<u8>> {
-    assert!(first % 8 == 0 && first > 0);
+    assert!(first.is_multiple_of(8) && first > 0);
     let l4 = seg.tcp_bytes();
     let mut out = Vec::new();
     for (off, chunk, more) in [(0, &l4[..first], true), (first, &l4[first..], false)] {
