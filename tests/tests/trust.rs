@@ -167,12 +167,6 @@ fn a_proxy_in_the_root_cgroup_is_moved_and_a_forged_mark_there_is_redirected() {
     let proxy = n.proxy_in(&root.path, "proxy.log");
     pod_add(n.d(), &m.host("a").path(), "a").unwrap();
     wait_for("pod ready", 15, || n.ready("uid-a"));
-    let moved = cgroup_of(proxy.pid());
-    assert!(
-        moved.starts_with("/redirect-proxy-"),
-        "the agent gave the proxy a cgroup of its own: {moved:?}"
-    );
-    assert!(!n.trusted().contains(&root.id()), "{:?}", n.trusted());
     let ns_path = m.host("a").path();
     for v6 in FAMILIES {
         let to = m.addr("c", v6, PEER_PORT).to_string();
@@ -186,6 +180,12 @@ fn a_proxy_in_the_root_cgroup_is_moved_and_a_forged_mark_there_is_redirected() {
     assert_eq!(c["redirected_15001"], 2, "{c}");
     // The proxy's own upstream connections passed.
     assert_eq!(c["bypassed_proxy"], 2, "{c}");
+    let moved = cgroup_of(proxy.pid());
+    assert!(
+        moved.starts_with("/redirect-proxy-"),
+        "the agent gave the proxy a cgroup of its own: {moved:?}"
+    );
+    assert!(!n.trusted().contains(&root.id()), "{:?}", n.trusted());
     cli(&["pod", "del", "--state-dir", n.d(), "--uid", "uid-a"]).unwrap();
 }
 
