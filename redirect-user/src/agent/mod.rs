@@ -470,8 +470,14 @@ impl Agent {
         info!(pid, "agent: proxy connected");
         // The proxy's own sockets (marked 0x539) must pass: trust its cgroup (one of its
         // own: never the root cgroup, which pods share) while it stays connected.
-        let _trust = match peer::ProxyTrust::acquire(&self.inner.engine, &peer) {
-            Ok(t) => {
+        let trust = if self.inner.engine.trusts_mark_alone() {
+            // The mark alone passes (--trust-mark-only): no cgroup to make or trust.
+            Ok(None)
+        } else {
+            peer::ProxyTrust::acquire(&self.inner.engine, &peer).map(Some)
+        };
+        let _trust = match trust {
+            Ok(Some(t)) => {
                 info!(
                     pid,
                     cgroup_id = t.cgroup_id,
@@ -479,10 +485,7 @@ impl Agent {
                 );
                 Some(t)
             }
-            Err(e) if self.inner.engine.trusts_mark_alone() => {
-                warn!(pid, error = %e, "agent: the proxy's cgroup is unknown; the engine trusts the 0x539 mark alone");
-                None
-            }
+            Ok(None) => None,
             Err(e) => {
                 warn!(
                     pid,
