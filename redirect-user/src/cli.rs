@@ -11,7 +11,7 @@ use crate::{
         Agent, PodSpec,
         control::{self, ControlRequest},
     },
-    ebpf::{DEFAULT_PIN_DIR, Engine, EngineConfig, ProxyIdentity},
+    ebpf::{DEFAULT_OWNER_WAIT, DEFAULT_PIN_DIR, Engine, EngineConfig, ProxyIdentity},
     proxy::{
         identity::{CertSource, DEFAULT_TRUST_DOMAIN, FileCerts, LocalCa, Tls},
         mesh::{DefaultTransport, Mesh},
@@ -35,6 +35,26 @@ pub struct AgentArgs {
     /// The bpffs directory holding the engine's pinned state.
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
+    /// Seconds to wait for another agent owning the pin directory to exit (a rolling
+    /// update) before refusing to start.
+    #[arg(long, default_value_t = DEFAULT_OWNER_WAIT.as_secs())]
+    pub owner_wait_secs: u64,
+    /// Trust every socket marked 0x539 as the proxy's, as the iptables rules do: any
+    /// app holding CAP_NET_ADMIN can then bypass its proxy (parity row 7 not enforced).
+    /// Only for hosts without cgroup v2.
+    #[arg(long)]
+    pub trust_mark_only: bool,
+}
+
+impl AgentArgs {
+    /// `identity` unless the mark alone is to be trusted.
+    fn identity(&self, identity: ProxyIdentity) -> ProxyIdentity {
+        if self.trust_mark_only {
+            ProxyIdentity::MarkOnly
+        } else {
+            identity
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -164,7 +184,12 @@ pub async fn run(agent: AgentArgs, mut proxy: ProxyArgs) -> Result<()> {
     if proxy.mesh.ca_dir.is_none() {
         proxy.mesh.ca_dir = Some(agent.state_dir.join("ca"));
     }
-    let engine = Arc::new(open_engine(&agent.pin_dir, ProxyIdentity::OwnCgroup)?);
+    // The proxy runs in this process: the engine trusts this process's cgroup, moving
+    // it out of the root cgroup (shared with pods' apps) into one of its own first.
+    let engine = Arc::new(open_engine(
+        &agent,
+        agent.identity(ProxyIdentity::OwnCgroup),
+    )?);
     let a = Agent::new(engine, &agent.state_dir)?;
     let proxy_cfg = ProxyConfig {
         socket: agent.socket.clone(),
@@ -186,10 +211,10 @@ pub async fn run(agent: AgentArgs, mut proxy: ProxyArgs) -> Result<()> {
 
 /// `node-agent`: the agent alone; any proxy speaking the protocol may connect.
 pub async fn node_agent(agent: AgentArgs) -> Result<()> {
-    // Connected proxies' cgroups are trusted as they connect.
+    // Connected proxies' cgroups are trusted while they are connected.
     let engine = Arc::new(open_engine(
-        &agent.pin_dir,
-        ProxyIdentity::Cgroups(Vec::new()),
+        &agent,
+        agent.identity(ProxyIdentity::Cgroups(Vec::new())),
     )?);
     let a = Agent::new(engine, &agent.state_dir)?;
     let control_sock = agent.state_dir.join("control.sock");
@@ -225,10 +250,11 @@ async fn drain_on_shutdown(secs: u64) {
     tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
 }
 
-fn open_engine(pin_dir: &std::path::Path, proxy_identity: ProxyIdentity) -> Result<Engine> {
+fn open_engine(agent: &AgentArgs, proxy_identity: ProxyIdentity) -> Result<Engine> {
     let cfg = EngineConfig {
-        pin_dir: pin_dir.into(),
+        pin_dir: agent.pin_dir.clone(),
         proxy_identity,
+        owner_wait: std::time::Duration::from_secs(agent.owner_wait_secs),
         ..EngineConfig::default()
     };
     Engine::open(cfg).context("starting the redirection engine")

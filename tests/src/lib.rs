@@ -421,6 +421,8 @@ pub fn lines(s: &str) -> Vec<String> {
 /// A cgroup v2 group for processes that play an app: not the proxy's cgroup.
 pub struct AppCgroup {
     pub path: PathBuf,
+    /// Made by this fixture (and removed when dropped); false for the root cgroup.
+    made: bool,
 }
 
 impl AppCgroup {
@@ -428,7 +430,20 @@ impl AppCgroup {
         let root = redirect_user::ebpf::cgroup2_mount().context("no cgroup2 mounted")?;
         let path = root.join(format!("redirect-test-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&path)?;
-        Ok(Self { path })
+        Ok(Self { path, made: true })
+    }
+
+    /// The root of the cgroup2 hierarchy, where every process of this kind of machine
+    /// sits unless moved: apps that nobody sorted into a cgroup.
+    pub fn root() -> Result<Self> {
+        let path = redirect_user::ebpf::cgroup2_mount().context("no cgroup2 mounted")?;
+        Ok(Self { path, made: false })
+    }
+
+    /// The cgroup id (`bpf_skb_cgroup_id` of its sockets).
+    pub fn id(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.path).map(|m| m.ino()).unwrap_or(0)
     }
 
     /// Runs `redirect-user probe ARGS…` inside this cgroup; its stdout, or an error.
@@ -453,7 +468,9 @@ impl AppCgroup {
 
 impl Drop for AppCgroup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.path);
+        if self.made {
+            let _ = std::fs::remove_dir(&self.path);
+        }
     }
 }
 
@@ -615,6 +632,49 @@ pub mod process {
                 .spawn()
                 .unwrap();
             Proc(child)
+        }
+
+        /// `redirect-user ARGS…` started inside the cgroup at `cgroup` (its directory
+        /// under the cgroup2 mount), its logs to `log`.
+        pub fn spawn_in(cgroup: &Path, args: &[&str], log: &Path) -> Proc {
+            use std::os::unix::process::CommandExt;
+            let out = std::fs::File::create(log).unwrap();
+            let procs =
+                std::ffi::CString::new(cgroup.join("cgroup.procs").to_str().unwrap().as_bytes())
+                    .unwrap();
+            let mut cmd = Command::new(redirect_user_bin().unwrap());
+            cmd.args(args)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(out);
+            // SAFETY: between fork and exec only async-signal-safe calls: open, write,
+            // close, getpid, on buffers made before the fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let mut buf = [0u8; 12];
+                    let mut i = buf.len();
+                    let mut pid = libc::getpid() as u32;
+                    loop {
+                        i -= 1;
+                        buf[i] = b'0' + (pid % 10) as u8;
+                        pid /= 10;
+                        if pid == 0 {
+                            break;
+                        }
+                    }
+                    let n = libc::write(fd, buf[i..].as_ptr().cast(), buf.len() - i);
+                    libc::close(fd);
+                    if n < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            Proc(cmd.spawn().unwrap())
         }
 
         /// `redirect-user node-agent` with its socket and state in `dir` (created) and

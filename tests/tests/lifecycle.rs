@@ -341,6 +341,9 @@ fn pods_stay_redirected_when_the_engine_goes_away() {
 
     // A second engine on the same pinned state (as after a restart of the agent) finds
     // the pod; with the proxy gone, the pod's traffic is refused, never passed.
+    // The first engine gives the pin directory up (one owner at a time), as an exiting
+    // agent does.
+    m.engine.close();
     let engine2 = Engine::open(EngineConfig::at(&m.pin_dir)).unwrap();
     let pods = engine2.pods();
     assert_eq!(pods.len(), 1);

@@ -7,7 +7,7 @@
 use std::{
     collections::HashMap,
     io,
-    os::fd::{FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
 };
 
 use redirect_ebpf::{PORT_DNS, PORT_INBOUND, PORT_OUTBOUND, PORT_TUNNEL};
@@ -100,22 +100,26 @@ fn listener_inodes(netns: &Netns) -> io::Result<HashMap<u64, (u16, bool)>> {
         .map_err(io::Error::other)?
 }
 
-/// Duplicates the proxy's (process `pid`) listening sockets in `netns`. With several
-/// sockets on one port (SO_REUSEPORT), the one with the highest fd number is taken.
+/// Like [`find_listeners_of`], for process `pid` as it is now.
 pub fn find_listeners(pid: i32, netns: &Netns) -> io::Result<FoundSockets> {
+    let pidfd = super::peer::pidfd_open(pid)?;
+    find_listeners_of(pid, pidfd.as_fd(), netns)
+}
+
+/// Duplicates the proxy's listening sockets in `netns`. The proxy is `pidfd` (held since
+/// it connected); `pid` is its number, whose fd table is read. With several sockets on
+/// one port (SO_REUSEPORT), the one with the highest fd number is taken.
+pub fn find_listeners_of(
+    pid: i32,
+    pidfd: BorrowedFd<'_>,
+    netns: &Netns,
+) -> io::Result<FoundSockets> {
     let inodes = listener_inodes(netns)?;
     let mut found = FoundSockets::default();
     if inodes.is_empty() {
         return Ok(found);
     }
-    // SAFETY: pidfd_open returns a new fd or -1.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    if pidfd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd we own.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    let mut fds: Vec<(i32, (u16, bool))> = Vec::new();
+    let mut fds: Vec<(i32, u64, (u16, bool))> = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
         let Ok(entry) = entry else { continue };
         let Ok(target) = std::fs::read_link(entry.path()) else {
@@ -135,19 +139,34 @@ pub fn find_listeners(pid: i32, netns: &Netns) -> io::Result<FoundSockets> {
             continue;
         };
         if let Some(slot) = inodes.get(&ino) {
-            fds.push((fd, *slot));
+            fds.push((fd, ino, *slot));
         }
     }
+    // Alive after the listing: the pid named the proxy while its fds were read.
+    if !super::peer::pidfd_alive(pidfd) {
+        return Err(io::Error::other(format!(
+            "the proxy (pid {pid}) has exited"
+        )));
+    }
     fds.sort();
-    for (fd, slot) in fds {
-        use std::os::fd::AsRawFd;
+    for (fd, ino, slot) in fds {
         // SAFETY: pidfd_getfd returns a new fd (a duplicate of the target's) or -1.
         let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) } as i32;
         if dup < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: a fresh fd we own.
-        let dup = Some(unsafe { OwnedFd::from_raw_fd(dup) });
+        let dup = unsafe { OwnedFd::from_raw_fd(dup) };
+        // The fd number may have been closed and reused since the listing.
+        if std::fs::File::from(dup.try_clone()?)
+            .metadata()
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .ok()
+            != Some(ino)
+        {
+            continue;
+        }
+        let dup = Some(dup);
         match slot {
             (PORT_OUTBOUND, false) => found.outbound = dup,
             (PORT_INBOUND, false) => found.inbound = dup,

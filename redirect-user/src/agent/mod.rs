@@ -18,6 +18,7 @@
 
 pub mod control;
 pub mod discover;
+pub mod peer;
 
 use std::{
     collections::BTreeMap,
@@ -152,6 +153,8 @@ struct ConnRequest {
 struct Conn {
     id: u64,
     pid: i32,
+    /// The proxy process, held from the moment it connected (its pid may be reused).
+    peer: peer::Peer,
     tx: mpsc::Sender<ConnRequest>,
 }
 
@@ -532,7 +535,7 @@ impl Agent {
             )
         };
         let state = match conn.call(req, fd).await {
-            Ok(Ok(())) => self.install_listeners(uid, conn.pid).await,
+            Ok(Ok(())) => self.install_listeners(uid, &conn.peer).await,
             Ok(Err(reason)) => {
                 warn!(
                     uid,
@@ -556,16 +559,18 @@ impl Agent {
         state
     }
 
-    /// Finds the listeners proxy `pid` opened in the pod and gives them to the engine.
-    async fn install_listeners(&self, uid: &str, pid: i32) -> PodState {
+    /// Finds the listeners the proxy opened in the pod and gives them to the engine.
+    async fn install_listeners(&self, uid: &str, proxy: &peer::Peer) -> PodState {
         let agent = self.clone();
         let uid = uid.to_string();
-        blocking(move || agent.install_listeners_now(&uid, pid)).await
+        let proxy = proxy.clone();
+        blocking(move || agent.install_listeners_now(&uid, &proxy)).await
     }
 
     /// `install_listeners`, blocking: the scan of the proxy's sockets runs without the
     /// pods lock.
-    fn install_listeners_now(&self, uid: &str, pid: i32) -> PodState {
+    fn install_listeners_now(&self, uid: &str, proxy: &peer::Peer) -> PodState {
+        let pid = proxy.pid;
         let netns = {
             let pods = self.inner.pods.lock().unwrap();
             let Some(p) = pods.get(uid) else {
@@ -573,7 +578,7 @@ impl Agent {
             };
             p.netns.try_clone()
         };
-        let found = netns.and_then(|ns| discover::find_listeners(pid, &ns));
+        let found = netns.and_then(|ns| discover::find_listeners_of(pid, proxy.pidfd.as_fd(), &ns));
         match found {
             Ok(f) if f.complete() => {
                 let _lifecycle = self.inner.lifecycle.lock().unwrap();
@@ -642,7 +647,16 @@ impl Agent {
 
     /// One proxy connection: hello, snapshot, then Adds and Dels as they come.
     async fn connection(self, sock: UnixSeqpacket) {
-        let pid = wire::peer_pid(&sock).unwrap_or(0);
+        let cred_pid = wire::peer_pid(&sock).unwrap_or(0);
+        // The process itself, held from now on: a pid can be reused once it exits.
+        let peer = match peer::Peer::of(&sock, cred_pid) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(pid = cred_pid, error = %e, "agent: cannot identify the connecting process, closing");
+                return;
+            }
+        };
+        let pid = peer.pid;
         match tokio::time::timeout(DEADLINE, wire::recv(&sock)).await {
             Ok(Ok(Some(dg))) if codec::decode_hello(&dg.bytes).is_ok() && dg.fds.is_empty() => {}
             other => {
@@ -651,19 +665,38 @@ impl Agent {
             }
         }
         info!(pid, "agent: proxy connected");
-        // The proxy's own sockets (marked 0x539) must pass: trust its cgroup.
-        match crate::ebpf::cgroup_id_of_pid(&pid.to_string()) {
-            Ok(cg) => {
-                if let Err(e) = self.inner.engine.trust_proxy_cgroup(cg) {
-                    warn!(pid, error = %e, "agent: cannot trust the proxy's cgroup");
-                }
+        // The proxy's own sockets (marked 0x539) must pass: trust its cgroup (one of its
+        // own: never the root cgroup, which pods share) while it stays connected.
+        let trust = if self.inner.engine.trusts_mark_alone() {
+            // The mark alone passes (--trust-mark-only): no cgroup to make or trust.
+            Ok(None)
+        } else {
+            peer::ProxyTrust::acquire(&self.inner.engine, &peer).map(Some)
+        };
+        let _trust = match trust {
+            Ok(Some(t)) => {
+                info!(
+                    pid,
+                    cgroup_id = t.cgroup_id,
+                    "agent: proxy's cgroup trusted while it is connected"
+                );
+                Some(t)
             }
-            Err(e) => warn!(pid, error = %e, "agent: cannot find the proxy's cgroup"),
-        }
+            Ok(None) => None,
+            Err(e) => {
+                warn!(
+                    pid,
+                    error = %e,
+                    "agent: PROXY NOT TRUSTED, closing: its own upstream sockets would be steered back to it; give it a cgroup of its own (not the root cgroup)"
+                );
+                return;
+            }
+        };
         let (tx, rx) = mpsc::channel(64);
         let conn = Conn {
             id: self.inner.next_conn.fetch_add(1, Ordering::Relaxed),
             pid,
+            peer,
             tx,
         };
         let io = tokio::spawn(conn_io(sock, rx, pid));
@@ -703,6 +736,9 @@ impl Agent {
             if n % RELEASE_RETRY_TICKS == 0 {
                 self.retry_releases().await;
             }
+            if let Err(e) = self.inner.engine.expire_carried_trust() {
+                warn!(error = %e, "agent: cannot drop the trust of an earlier run");
+            }
             let Some(newest) = self.inner.conns.lock().unwrap().last().cloned() else {
                 continue;
             };
@@ -713,7 +749,7 @@ impl Agent {
             let todo = self
                 .uids_in(|s| matches!(s, PodState::FindingListeners | PodState::ProxyRefused(_)));
             for uid in todo {
-                let state = self.install_listeners(&uid, newest.pid).await;
+                let state = self.install_listeners(&uid, &newest.peer).await;
                 if state == PodState::Ready {
                     self.set_state(&uid, state, Some(newest.pid));
                 }

@@ -149,3 +149,169 @@ fn bpf_elem<K>(cmd: libc::c_long, map: BorrowedFd<'_>, key: &K, value: u64) -> s
         Ok(())
     }
 }
+
+/// What a map looks like to the kernel; a pinned map must look like this build's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapLayout {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl std::fmt::Display for MapLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "type {} key {} B value {} B entries {} flags {:#x}",
+            self.map_type, self.key_size, self.value_size, self.max_entries, self.flags
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("reading the map definitions of the eBPF object: {0}")]
+    Object(String),
+    #[error("reading the pinned map {path}: {detail}")]
+    Read {
+        path: std::path::PathBuf,
+        detail: String,
+    },
+    #[error(
+        "the pinned map {path} does not fit this build: it is {found}, this build needs {expected}. It was made by another version of the engine (or by hand): un-enrol every pod with the version that made it, or remove the pin directory once its pods are gone"
+    )]
+    Incompatible {
+        path: std::path::PathBuf,
+        found: MapLayout,
+        expected: MapLayout,
+    },
+}
+
+const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+
+/// The layouts of the object's maps, as the loader creates them (`max_pods` applied).
+pub fn expected_layouts(
+    object: &[u8],
+    max_pods: u32,
+) -> Result<std::collections::BTreeMap<String, MapLayout>, LayoutError> {
+    let obj = aya_obj::Object::parse(object).map_err(|e| LayoutError::Object(e.to_string()))?;
+    Ok(obj
+        .maps
+        .iter()
+        .map(|(name, m)| {
+            let max_entries = if name == names::PODS || name == names::POD_INDEX {
+                max_pods
+            } else {
+                m.max_entries()
+            };
+            (
+                name.clone(),
+                MapLayout {
+                    map_type: m.map_type(),
+                    key_size: m.key_size(),
+                    value_size: m.value_size(),
+                    max_entries,
+                    flags: m.map_flags(),
+                },
+            )
+        })
+        .collect())
+}
+
+/// Compares one pinned map with what this build needs. A ring buffer of another size
+/// still fits (its size is rounded to pages by the loader).
+pub fn layout_fits(found: &MapLayout, expected: &MapLayout) -> bool {
+    if expected.map_type == BPF_MAP_TYPE_RINGBUF {
+        return found.map_type == expected.map_type;
+    }
+    found == expected
+}
+
+/// Checks every map already pinned in `maps_dir` against the object's definitions, so
+/// that an incompatible map is refused rather than reused by the loader.
+pub fn check_pinned(
+    object: &[u8],
+    maps_dir: &std::path::Path,
+    max_pods: u32,
+) -> Result<(), LayoutError> {
+    for (name, expected) in expected_layouts(object, max_pods)? {
+        let path = maps_dir.join(&name);
+        if !path.exists() {
+            continue;
+        }
+        let read = |detail: String| LayoutError::Read {
+            path: path.clone(),
+            detail,
+        };
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| read(e.to_string()))?;
+        let found = MapLayout {
+            map_type: info.map_type().map_err(|e| read(e.to_string()))? as u32,
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            flags: info.map_flags(),
+        };
+        if !layout_fits(&found, &expected) {
+            return Err(LayoutError::Incompatible {
+                path,
+                found,
+                expected,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_object_defines_every_pinned_map() {
+        let layouts = expected_layouts(super::super::OBJECT, 100).unwrap();
+        for name in names::ALL_MAPS {
+            assert!(layouts.contains_key(name), "{name} missing: {layouts:?}");
+        }
+        assert_eq!(layouts[names::PODS].max_entries, 100);
+        assert_eq!(
+            layouts[names::PODS].value_size as usize,
+            size_of::<PodConfig>()
+        );
+    }
+
+    #[test]
+    fn layouts_are_compared_field_by_field() {
+        let hash = MapLayout {
+            map_type: 1,
+            key_size: 8,
+            value_size: 8,
+            max_entries: 10,
+            flags: 0,
+        };
+        assert!(layout_fits(&hash, &hash));
+        let lru = MapLayout {
+            map_type: 9,
+            ..hash
+        };
+        assert!(!layout_fits(&hash, &lru), "a plain hash is no LRU");
+        let wider = MapLayout {
+            value_size: 16,
+            ..hash
+        };
+        assert!(!layout_fits(&wider, &hash));
+        let ring = MapLayout {
+            map_type: BPF_MAP_TYPE_RINGBUF,
+            key_size: 0,
+            value_size: 0,
+            max_entries: 4096,
+            flags: 0,
+        };
+        let bigger_ring = MapLayout {
+            max_entries: 8192,
+            ..ring
+        };
+        assert!(layout_fits(&bigger_ring, &ring));
+    }
+}

@@ -13,12 +13,15 @@
 
 mod check;
 mod maps;
+pub mod owner;
 mod pod;
+pub mod trust;
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -27,10 +30,15 @@ use aya::{
 };
 pub use check::{KernelCheckError, check_kernel};
 use maps::Maps;
+pub use maps::{LayoutError, MapLayout};
+pub use owner::OwnerError;
+use owner::PinOwner;
 use pod::PodState;
 pub use pod::{EnrolOutcome, EnrolledPod, PodOptions, PodSockets};
-use redirect_ebpf::{MAX_PODS, PodCounters, names};
+use redirect_ebpf::{MAX_PODS, MAX_PROXY_CGROUPS, PodCounters, names};
 use tracing::{info, warn};
+use trust::TrustTable;
+pub use trust::{ProxyCgroup, TrustError, cgroup2_mount};
 
 use crate::netns::NetnsError;
 
@@ -40,12 +48,17 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-ebpf.o"));
 
 /// Which sockets count as the proxy's own (parity rows 6 and 7): those marked 0x539 and
-/// created by a process in one of these cgroups (cgroup v2 ids).
+/// created by a process in one of these cgroups (cgroup v2 ids). The root of the cgroup2
+/// hierarchy, which pods' apps share on hosts that sort nothing into cgroups, is never
+/// trusted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProxyIdentity {
-    /// The cgroup of this process (the proxy runs in-process).
+    /// The cgroup of this process (the proxy runs in-process). A process in the root
+    /// cgroup is first moved into a cgroup of its own (`redirect-proxy-<pid>`); where that
+    /// cannot be done, the engine refuses to start.
     OwnCgroup,
-    /// These cgroups (for a proxy running elsewhere).
+    /// These cgroups (for a proxy running elsewhere; proxies connecting to the agent are
+    /// added while connected).
     Cgroups(Vec<u64>),
     /// Any socket carrying the mark, as the iptables rules do (row 7 not enforced).
     MarkOnly,
@@ -57,7 +70,13 @@ pub struct EngineConfig {
     pub proxy_identity: ProxyIdentity,
     /// Size of the pod maps (at most `MAX_PODS - 1`); applies when they are created.
     pub max_pods: u32,
+    /// How long to wait for another engine owning the pin directory to exit before
+    /// refusing to start.
+    pub owner_wait: Duration,
 }
+
+/// Default of [`EngineConfig::owner_wait`].
+pub const DEFAULT_OWNER_WAIT: Duration = Duration::from_secs(10);
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -65,6 +84,7 @@ impl Default for EngineConfig {
             pin_dir: DEFAULT_PIN_DIR.into(),
             proxy_identity: ProxyIdentity::OwnCgroup,
             max_pods: MAX_PODS - 1,
+            owner_wait: DEFAULT_OWNER_WAIT,
         }
     }
 }
@@ -104,6 +124,16 @@ pub enum EngineError {
     },
     #[error("cannot find the proxy's cgroup: {0}")]
     Cgroup(String),
+    #[error("the proxy's cgroup: {0}")]
+    Trust(#[from] TrustError),
+    #[error("proxy_cgroups is full ({max} cgroups trusted at once): cannot trust cgroup {id}")]
+    TrustFull { id: u64, max: u32 },
+    #[error(transparent)]
+    Owner(#[from] OwnerError),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error("this engine was closed: its pin directory may belong to another engine now")]
+    Closed,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,18 +158,26 @@ pub enum EnrolError {
         port: u16,
         detail: String,
     },
+    #[error("pod {uid}: the engine was closed (its pin directory was given up)")]
+    Closed { uid: String },
 }
 
 struct Inner {
     ebpf: Ebpf,
     maps: Maps,
     pods: BTreeMap<String, PodState>,
+    trust: TrustTable,
+    /// The root of the cgroup2 hierarchy, never trusted (None without cgroup v2).
+    root_cgroup: Option<u64>,
+    /// Held for the life of the engine: no other engine touches the pin directory.
+    _owner: PinOwner,
 }
 
-/// The one owner of the engine's BPF state in this process.
+/// The one owner of the engine's BPF state, in this process (a mutex) and across
+/// processes (an exclusive lock on the pin directory).
 pub struct Engine {
     pin_dir: PathBuf,
-    inner: Mutex<Inner>,
+    inner: Mutex<Option<Inner>>,
 }
 
 impl Engine {
@@ -153,6 +191,14 @@ impl Engine {
             std::fs::create_dir_all(&p)
                 .map_err(|source| EngineError::PinDir { path: p, source })?;
         }
+        // Nothing pinned is read or written before this: one engine per pin directory.
+        let owner = PinOwner::acquire(&pin_dir, config.owner_wait)?;
+        let max_pods = config.max_pods.clamp(1, MAX_PODS - 1);
+        maps::check_pinned(OBJECT, &pin_dir.join("maps"), max_pods)?;
+        trust::remove_stale();
+        let root_cgroup = trust::root_cgroup_id().ok();
+        let base = base_identity(&config.proxy_identity, root_cgroup)?;
+
         let map_paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
             .into_iter()
             .map(|n| (n, pin_dir.join("maps").join(n)))
@@ -162,7 +208,6 @@ impl Engine {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let max_pods = config.max_pods.clamp(1, MAX_PODS - 1);
         loader.map_max_entries(names::PODS, max_pods);
         loader.map_max_entries(names::POD_INDEX, max_pods);
         let mut ebpf = loader.load(OBJECT)?;
@@ -177,13 +222,44 @@ impl Engine {
             load_and_pin::<SchedClassifier>(&mut ebpf, name, &pin_dir)?;
         }
         let mut maps = Maps::take(&mut ebpf, max_pods)?;
-        set_proxy_identity(&mut maps, &config.proxy_identity)?;
+        let mut trust = TrustTable::new(base);
+        let pinned: Vec<u64> = maps.proxy_cgroups.keys().filter_map(Result::ok).collect();
+        let (carried, dropped) =
+            trust::carried_from_pinned(&pinned, root_cgroup, &trust::live_cgroup_ids());
+        trust.carry(carried.clone(), Instant::now() + trust::CARRIED_TRUST_GRACE);
+        sync_trust(&mut maps, &trust)?;
+        info!(
+            trusted = ?trust.wanted(),
+            dropped = ?dropped,
+            carried = ?carried,
+            "redirect: proxy_cgroups reconciled"
+        );
         let pods = pod::adopt_pinned(&maps);
         info!(pin_dir = %pin_dir.display(), pods = pods.len(), "redirect: engine ready");
         Ok(Self {
             pin_dir,
-            inner: Mutex::new(Inner { ebpf, maps, pods }),
+            inner: Mutex::new(Some(Inner {
+                ebpf,
+                maps,
+                pods,
+                trust,
+                root_cgroup,
+                _owner: owner,
+            })),
         })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Inner>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives the pin directory up: the pinned state (pods, programs, links) stays in
+    /// place, this engine refuses every later change, and another engine (a newer
+    /// agent) can take the directory over at once.
+    pub fn close(&self) {
+        if self.lock().take().is_some() {
+            info!(pin_dir = %self.pin_dir.display(), "redirect: engine closed, pin directory given up");
+        }
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -202,8 +278,13 @@ impl Engine {
         options: &PodOptions,
         sockets: &PodSockets<'_>,
     ) -> Result<EnrolOutcome, EnrolError> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let Inner { ebpf, maps, pods } = &mut *inner;
+        let mut guard = self.lock();
+        let Some(Inner {
+            ebpf, maps, pods, ..
+        }) = guard.as_mut()
+        else {
+            return Err(EnrolError::Closed { uid: uid.into() });
+        };
         pod::enrol(
             ebpf,
             maps,
@@ -218,8 +299,10 @@ impl Engine {
 
     /// Replaces the proxy sockets of an enrolled pod (for example after a proxy restart).
     pub fn set_sockets(&self, uid: &str, sockets: &PodSockets<'_>) -> Result<(), EnrolError> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let Inner { maps, pods, .. } = &mut *inner;
+        let mut guard = self.lock();
+        let Some(Inner { maps, pods, .. }) = guard.as_mut() else {
+            return Err(EnrolError::Closed { uid: uid.into() });
+        };
         let pod = pods
             .get(uid)
             .ok_or_else(|| EnrolError::NotEnrolled { uid: uid.into() })?;
@@ -245,8 +328,10 @@ impl Engine {
         uid: &str,
         netns: Option<&crate::netns::Netns>,
     ) -> Result<bool, EnrolError> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let Inner { maps, pods, .. } = &mut *inner;
+        let mut guard = self.lock();
+        let Some(Inner { maps, pods, .. }) = guard.as_mut() else {
+            return Err(EnrolError::Closed { uid: uid.into() });
+        };
         let Some(state) = pods.get_mut(uid) else {
             return Ok(false);
         };
@@ -260,7 +345,10 @@ impl Engine {
     /// again (they stay releasing).
     pub fn finish_releases(&self) -> Vec<(String, EnrolError)> {
         let releasing: Vec<String> = {
-            let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let guard = self.lock();
+            let Some(inner) = guard.as_ref() else {
+                return Vec::new();
+            };
             inner
                 .pods
                 .iter()
@@ -275,13 +363,19 @@ impl Engine {
     }
 
     pub fn pods(&self) -> Vec<EnrolledPod> {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.lock();
+        let Some(inner) = guard.as_ref() else {
+            return Vec::new();
+        };
         inner.pods.iter().map(|(uid, s)| s.describe(uid)).collect()
     }
 
     /// The proxy sockets the engine holds for a pod: (port, is UDP, socket cookie).
     pub fn sockets(&self, uid: &str) -> Result<Vec<(u16, bool, u64)>, EnrolError> {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.lock();
+        let Some(inner) = guard.as_ref() else {
+            return Err(EnrolError::Closed { uid: uid.into() });
+        };
         let pod = inner
             .pods
             .get(uid)
@@ -304,7 +398,10 @@ impl Engine {
 
     /// The pod's counters, summed over CPUs.
     pub fn counters(&self, uid: &str) -> Result<PodCounters, EnrolError> {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.lock();
+        let Some(inner) = guard.as_ref() else {
+            return Err(EnrolError::Closed { uid: uid.into() });
+        };
         let pod = inner
             .pods
             .get(uid)
@@ -322,16 +419,116 @@ impl Engine {
     /// Counters of events no pod could be charged with (slot 0), such as TCP to an
     /// address that is no pod's (`dropped_unknown_dst`).
     pub fn node_counters(&self) -> Result<PodCounters, EngineError> {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.lock();
+        let inner = guard.as_ref().ok_or(EngineError::Closed)?;
         Ok(inner.maps.read_counters(0)?)
     }
 
-    /// Trusts 0x539-marked sockets of this cgroup as the proxy's (split deployments).
+    /// Trusts 0x539-marked sockets of this cgroup as the proxy's while one more proxy
+    /// holds it; undone by [`Engine::untrust_proxy_cgroup`]. The root of the cgroup2
+    /// hierarchy (shared by every process no one put elsewhere) is refused.
     pub fn trust_proxy_cgroup(&self, cgroup_id: u64) -> Result<(), EngineError> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.maps.proxy_cgroups.insert(cgroup_id, 1, 0)?;
+        let mut guard = self.lock();
+        let inner = guard.as_mut().ok_or(EngineError::Closed)?;
+        if cgroup_id == 0 || Some(cgroup_id) == inner.root_cgroup {
+            return Err(TrustError::Shared { id: cgroup_id }.into());
+        }
+        inner.trust.add(cgroup_id);
+        expire_carried(inner);
+        if let Err(e) = sync_trust(&mut inner.maps, &inner.trust) {
+            inner.trust.remove(cgroup_id);
+            return Err(e);
+        }
+        info!(
+            cgroup_id,
+            proxies = inner.trust.count(cgroup_id),
+            "redirect: proxy cgroup trusted"
+        );
         Ok(())
     }
+
+    /// One proxy of this cgroup less (it disconnected); the cgroup stops being trusted
+    /// when no proxy holds it and it is not the engine's own. False if none was counted.
+    pub fn untrust_proxy_cgroup(&self, cgroup_id: u64) -> Result<bool, EngineError> {
+        let mut guard = self.lock();
+        let inner = guard.as_mut().ok_or(EngineError::Closed)?;
+        if !inner.trust.remove(cgroup_id) {
+            return Ok(false);
+        }
+        expire_carried(inner);
+        sync_trust(&mut inner.maps, &inner.trust)?;
+        let still = inner.trust.wanted().contains(&cgroup_id);
+        info!(
+            cgroup_id,
+            proxies = inner.trust.count(cgroup_id),
+            still_trusted = still,
+            "redirect: proxy cgroup released"
+        );
+        Ok(true)
+    }
+
+    /// Stops trusting the cgroups found pinned from an earlier run that no proxy
+    /// claimed within [`trust::CARRIED_TRUST_GRACE`]. Cheap; call it now and then (the
+    /// agent does every second).
+    pub fn expire_carried_trust(&self) -> Result<(), EngineError> {
+        let mut guard = self.lock();
+        let inner = guard.as_mut().ok_or(EngineError::Closed)?;
+        if expire_carried(inner) {
+            sync_trust(&mut inner.maps, &inner.trust)?;
+        }
+        Ok(())
+    }
+
+    /// True if any socket carrying the mark passes (ProxyIdentity::MarkOnly).
+    pub fn trusts_mark_alone(&self) -> bool {
+        self.lock()
+            .as_ref()
+            .is_some_and(|i| i.trust.wanted().contains(&0))
+    }
+
+    /// The cgroup ids trusted now, as the pinned map holds them.
+    pub fn trusted_cgroups(&self) -> Result<Vec<u64>, EngineError> {
+        let guard = self.lock();
+        let inner = guard.as_ref().ok_or(EngineError::Closed)?;
+        Ok(inner
+            .maps
+            .proxy_cgroups
+            .keys()
+            .filter_map(Result::ok)
+            .collect())
+    }
+}
+
+/// Drops carried entries whose grace is over. True if any was dropped.
+fn expire_carried(inner: &mut Inner) -> bool {
+    let gone = inner.trust.expire(Instant::now());
+    if !gone.is_empty() {
+        info!(cgroups = ?gone, "redirect: cgroups of an earlier run no longer trusted (no proxy claimed them)");
+    }
+    !gone.is_empty()
+}
+
+/// Makes `proxy_cgroups` hold exactly what `trust` wants.
+fn sync_trust(maps: &mut Maps, trust: &TrustTable) -> Result<(), EngineError> {
+    let wanted = trust.wanted();
+    let present: Vec<u64> = maps.proxy_cgroups.keys().filter_map(Result::ok).collect();
+    for id in present.iter().filter(|id| !wanted.contains(id)) {
+        maps.proxy_cgroups.remove(id)?;
+    }
+    for id in wanted.iter().filter(|id| !present.contains(id)) {
+        maps.proxy_cgroups.insert(*id, 1, 0).map_err(|e| match &e {
+            aya::maps::MapError::SyscallError(s)
+                if s.io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
+                EngineError::TrustFull {
+                    id: *id,
+                    max: MAX_PROXY_CGROUPS,
+                }
+            }
+            _ => EngineError::Map(e),
+        })?;
+    }
+    Ok(())
 }
 
 fn load_and_pin<P>(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Path) -> Result<(), EngineError>
@@ -381,22 +578,32 @@ impl LoadPin for SchedClassifier {
     }
 }
 
-fn set_proxy_identity(maps: &mut Maps, identity: &ProxyIdentity) -> Result<(), EngineError> {
-    let ids = match identity {
-        ProxyIdentity::OwnCgroup => match own_cgroup_id() {
-            Ok(id) => vec![id],
-            Err(e) => {
-                warn!(error = %e, "redirect: no cgroup v2 for this process; trusting the 0x539 mark alone (parity row 7 not enforced)");
-                vec![0]
-            }
+/// The cgroups this engine trusts for its whole life (0: the mark alone).
+fn base_identity(
+    identity: &ProxyIdentity,
+    root_cgroup: Option<u64>,
+) -> Result<Vec<u64>, EngineError> {
+    match identity {
+        ProxyIdentity::OwnCgroup => match trust::proxy_cgroup(None, None) {
+            Ok(cg) => Ok(vec![cg.id]),
+            Err(TrustError::NoCgroup2) => Err(EngineError::Cgroup(
+                "no cgroup2 filesystem is mounted, so the proxy's sockets cannot be told from an app's that sets SO_MARK 0x539 (parity row 7); mount one (mount -t cgroup2 none /sys/fs/cgroup), or choose ProxyIdentity::MarkOnly (--trust-mark-only) to trust the mark alone".into(),
+            )),
+            Err(e) => Err(EngineError::Cgroup(format!(
+                "this process (the proxy) needs a cgroup of its own, not shared with pods, and none could be made: {e}; run it in a cgroup of its own, or choose ProxyIdentity::MarkOnly (--trust-mark-only) to trust the mark alone"
+            ))),
         },
-        ProxyIdentity::Cgroups(ids) => ids.clone(),
-        ProxyIdentity::MarkOnly => vec![0],
-    };
-    for id in ids {
-        maps.proxy_cgroups.insert(id, 1, 0)?;
+        ProxyIdentity::Cgroups(ids) => {
+            if let Some(id) = ids.iter().find(|id| **id == 0 || Some(**id) == root_cgroup) {
+                return Err(TrustError::Shared { id: *id }.into());
+            }
+            Ok(ids.clone())
+        }
+        ProxyIdentity::MarkOnly => {
+            trust::warn_mark_only("ProxyIdentity::MarkOnly");
+            Ok(vec![0])
+        }
     }
-    Ok(())
 }
 
 /// The cgroup v2 id (the inode of its directory) of this process.
@@ -406,30 +613,7 @@ pub fn own_cgroup_id() -> Result<u64, EngineError> {
 
 /// The cgroup v2 id of a process (`"self"` or a pid).
 pub fn cgroup_id_of_pid(pid: &str) -> Result<u64, EngineError> {
-    use std::os::unix::fs::MetadataExt;
-    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .map_err(|e| EngineError::Cgroup(format!("/proc/{pid}/cgroup: {e}")))?;
-    let rel = cg
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or_else(|| EngineError::Cgroup("no cgroup v2 entry in /proc/{pid}/cgroup".into()))?;
-    let mount = cgroup2_mount()
-        .ok_or_else(|| EngineError::Cgroup("no cgroup2 filesystem mounted".into()))?;
-    let dir = mount.join(rel.trim_start_matches('/'));
-    let md = std::fs::metadata(&dir)
-        .map_err(|e| EngineError::Cgroup(format!("{}: {e}", dir.display())))?;
-    Ok(md.ino())
-}
-
-/// Where the cgroup2 filesystem is mounted (`/sys/fs/cgroup` or, on hybrid hosts,
-/// `/sys/fs/cgroup/unified`).
-pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, dir, fs) = (f.next()?, f.next()?, f.next()?);
-        (fs == "cgroup2").then(|| PathBuf::from(dir))
-    })
+    Ok(trust::cgroup_id(&trust::cgroup_dir_of(pid)?)?)
 }
 
 /// Drains the programs' aya-log ring buffer into `tracing` on a background thread.

@@ -376,13 +376,17 @@ pub(crate) fn enrol(
     if let Some(state) = pods.get_mut(uid) {
         let same = state.record.netns_dev == netns.dev() && state.record.netns_ino == netns.ino();
         if same {
+            let flags = (state.record.flags & !POD_FLAGS) | pod_flags(options);
             if state.netns.is_none() {
                 // Found in pinned state after a restart: take the namespace back and make
-                // sure everything is in place (each step tolerates what is already there).
+                // sure everything is in place with this run's programs and the options
+                // given now (each step tolerates what is already there).
                 let ns = netns
                     .try_clone()
                     .map_err(|e| step(uid, "hold namespace")(e.to_string()))?;
                 let mut record = state.record;
+                record.flags = flags;
+                // The tc filters are replaced in place by this run's programs.
                 netns
                     .run(|| {
                         apply_in_ns(
@@ -396,12 +400,28 @@ pub(crate) fn enrol(
                         uid: uid.into(),
                         source,
                     })??;
+                // The pinned sk_lookup link still runs the program of the run that made it.
+                let link_path = pin_dir.join("links").join(uid);
+                update_sk_lookup(ebpf, netns, &link_path)
+                    .map_err(step(uid, "update sk_lookup link"))?;
+                write_config(maps, uid, &record)?;
                 state.record = record;
                 state.netns = Some(ns);
-                maps.pod_index
-                    .insert(uid_key(uid), record, 0)
-                    .map_err(|e| step(uid, "pod index")(e.to_string()))?;
-                info!(uid, "redirect: pod re-adopted from pinned state");
+                info!(
+                    uid,
+                    dns_capture = options.dns_capture,
+                    "redirect: pod re-adopted from pinned state, programs of this run in place"
+                );
+            } else if flags != state.record.flags {
+                let mut record = state.record;
+                record.flags = flags;
+                write_config(maps, uid, &record)?;
+                state.record = record;
+                info!(
+                    uid,
+                    dns_capture = options.dns_capture,
+                    "redirect: pod options changed"
+                );
             }
             if !sockets.is_empty() {
                 set_sockets(maps, uid, state.record.netns_cookie, sockets)?;
@@ -556,6 +576,115 @@ fn give_back_addrs(
                 warn!(uid, other_pod = owner.pod, error = %e, "redirect: cannot give an address back to its pod")
             }
         }
+    }
+}
+
+/// The `POD_*` bits of `PodRecord::flags` (the hot-path flags, as in `PodConfig`).
+const POD_FLAGS: u32 = 0xff;
+
+fn pod_flags(options: &PodOptions) -> u32 {
+    if options.dns_capture {
+        POD_DNS_CAPTURE
+    } else {
+        0
+    }
+}
+
+/// Writes a changed record of an enrolled pod: the hot-path config, then the index.
+fn write_config(maps: &mut Maps, uid: &str, record: &PodRecord) -> Result<(), EnrolError> {
+    let cfg = PodConfig {
+        id: record.id,
+        flags: record.flags & POD_FLAGS,
+    };
+    maps.pods
+        .insert(record.netns_cookie, cfg, 0)
+        .map_err(|e| step(uid, "pod config")(e.to_string()))?;
+    maps.pod_index
+        .insert(uid_key(uid), *record, 0)
+        .map_err(|e| step(uid, "pod index")(e.to_string()))
+}
+
+/// Points the pod's pinned sk_lookup link at this run's program (BPF_LINK_UPDATE), or
+/// attaches a new link if the pin is missing.
+fn update_sk_lookup(ebpf: &mut Ebpf, netns: &Netns, pin: &Path) -> Result<(), String> {
+    let link = match bpf_obj_get(pin) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            return attach_sk_lookup(ebpf, netns, pin);
+        }
+        Err(e) => return Err(format!("{}: {e}", pin.display())),
+    };
+    let prog: &mut SkLookup = ebpf
+        .program_mut(names::PROG_SK_LOOKUP)
+        .ok_or("program missing")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    let prog_fd = prog.fd().map_err(|e| e.to_string())?;
+    bpf_link_update(link.as_fd(), prog_fd.as_fd()).map_err(|e| format!("BPF_LINK_UPDATE: {e}"))
+}
+
+/// `BPF_OBJ_GET`: an fd for a pinned object.
+fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    #[repr(C)]
+    struct Attr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let attr = Attr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    // SAFETY: attr points at a live NUL-terminated path.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const Attr,
+            size_of::<Attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// `BPF_LINK_UPDATE`: the link runs `prog` from now on.
+fn bpf_link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()> {
+    #[repr(C)]
+    struct Attr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = Attr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    // SAFETY: attr is a plain struct of fds.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr as *const Attr,
+            size_of::<Attr>(),
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
