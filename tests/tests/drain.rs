@@ -3,14 +3,13 @@
 //! socket or fd of its namespace stays in this process; the HBONE pool forgets the
 //! pod's tunnels; DNS handling per pod is bounded.
 //!
-//! The checks count what this process holds (fds in /proc/self/fd, sockets `ss` shows
-//! for this pid inside the pod, tasks of the runtime), so the tests here run one at a
-//! time.
+//! The checks count what this process holds (its fds in /proc/self/fd: sockets, those
+//! of them in the pod's namespace, the namespace itself; tasks of the runtime), so the
+//! tests here run one at a time.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
-    process::Command,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -36,39 +35,48 @@ struct Held {
     socket_fds: usize,
     /// Fds of the pod's namespace itself, however opened.
     netns_fds: usize,
-    /// Sockets of this process inside the pod's namespace.
+    /// Socket fds of this process inside the pod's namespace.
     sockets: usize,
     /// Tasks alive in the runtime.
     tasks: usize,
 }
 
+/// `ioctl(socket, SIOCGSKNS)`: an fd of the socket's network namespace.
+const SIOCGSKNS: libc::c_ulong = 0x894c;
+
 fn held(m: &Mesh, pod: &str) -> Held {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::{
+        fd::{FromRawFd, OwnedFd},
+        unix::fs::MetadataExt,
+    };
     let (dev, ino) = {
         let ns = m.ns(pod);
         (ns.dev(), ns.ino())
     };
-    let mut socket_fds = 0;
-    let mut netns_fds = 0;
+    let (mut socket_fds, mut netns_fds, mut sockets) = (0, 0, 0);
     for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
         if std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:")) {
             socket_fds += 1;
+            // SAFETY: SIOCGSKNS takes no argument; a closed fd just fails.
+            let ns = unsafe { libc::ioctl(fd, SIOCGSKNS as _) };
+            if ns >= 0 {
+                // SAFETY: a new fd the ioctl returned, owned here.
+                let ns = unsafe { OwnedFd::from_raw_fd(ns) };
+                if nix::sys::stat::fstat(&ns).is_ok_and(|st| (st.st_dev, st.st_ino) == (dev, ino)) {
+                    sockets += 1;
+                }
+            }
         } else if std::fs::metadata(e.path()).is_ok_and(|md| (md.dev(), md.ino()) == (dev, ino)) {
             netns_fds += 1;
         }
     }
-    let out = Command::new("ip")
-        .args(["netns", "exec", &m.host(pod).name, "ss", "-tuanp"])
-        .output()
-        .expect("ss");
-    let me = format!("pid={},", std::process::id());
     Held {
         socket_fds,
         netns_fds,
-        sockets: String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.contains(&me))
-            .count(),
+        sockets,
         tasks: m.rt.metrics().num_alive_tasks(),
     }
 }
@@ -82,10 +90,6 @@ fn wait_held(m: &Mesh, pod: &str, want: Held) {
             return;
         }
         if Instant::now() > deadline {
-            let ss = Command::new("ip")
-                .args(["netns", "exec", &m.host(pod).name, "ss", "-tuanp"])
-                .output()
-                .unwrap();
             let fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
                 .unwrap()
                 .flatten()
@@ -94,8 +98,7 @@ fn wait_held(m: &Mesh, pod: &str, want: Held) {
                 .collect();
             panic!(
                 "pod {pod} removed, the process still holds {now:?}, before it held {want:?}; \
-                 sockets there:\n{}\nfds: {fds:?}",
-                String::from_utf8_lossy(&ss.stdout)
+                 fds: {fds:?}"
             );
         }
         std::thread::sleep(Duration::from_millis(50));
