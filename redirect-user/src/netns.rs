@@ -32,8 +32,6 @@ pub enum NetnsError {
         ino: u64,
         source: nix::Error,
     },
-    #[error("cannot return to the original network namespace: {0}")]
-    Return(nix::Error),
     #[error("cannot stat namespace fd: {0}")]
     Stat(nix::Error),
 }
@@ -119,11 +117,10 @@ impl Netns {
             ino: self.ino,
             source,
         })?;
-        // Goes home even if `f` panics, so the thread never stays in the pod.
-        let guard = GoHome::enter(home);
-        let out = f();
-        guard.go()?;
-        Ok(out)
+        // Goes home when `f` returns or panics; a thread that cannot go home aborts the
+        // process, so it never runs another task in the pod's namespace.
+        let _home = GoHome::enter(home);
+        Ok(f())
     }
 }
 
@@ -149,32 +146,36 @@ fn home_of_this_thread() -> Result<Rc<Netns>, NetnsError> {
     Ok(h)
 }
 
-struct GoHome(Option<Rc<Netns>>);
+/// Brings the thread back to `home` when dropped, or aborts the process.
+struct GoHome(Rc<Netns>);
 
 impl GoHome {
     fn enter(home: Rc<Netns>) -> Self {
         DEPTH.with(|d| d.set(d.get() + 1));
-        GoHome(Some(home))
-    }
-
-    fn go(mut self) -> Result<(), NetnsError> {
-        let home = self.0.take().expect("home namespace");
-        DEPTH.with(|d| d.set(d.get() - 1));
-        setns(&home.fd, CloneFlags::CLONE_NEWNET).map_err(NetnsError::Return)
+        GoHome(home)
     }
 }
 
 impl Drop for GoHome {
     fn drop(&mut self) {
-        if let Some(home) = self.0.take() {
-            DEPTH.with(|d| d.set(d.get() - 1));
-            if let Err(e) = setns(&home.fd, CloneFlags::CLONE_NEWNET) {
-                // A thread stuck in a pod namespace would act there for others: stop.
-                eprintln!("fatal: cannot return a thread to its network namespace: {e}");
-                std::process::abort();
-            }
+        DEPTH.with(|d| d.set(d.get() - 1));
+        if let Err(e) = setns(&self.0.fd, CloneFlags::CLONE_NEWNET) {
+            stuck_in_a_pod(&self.0, e);
         }
     }
+}
+
+/// A thread that cannot return home would open the next task's sockets (another
+/// tenant's, on a shared runtime) in the wrong namespace: no error return can make that
+/// safe, so the process stops.
+fn stuck_in_a_pod(home: &Netns, e: nix::Error) -> ! {
+    let msg = format!(
+        "fatal: cannot return a thread to its network namespace (dev {}, ino {}): {e}; aborting",
+        home.dev, home.ino
+    );
+    tracing::error!("{msg}");
+    eprintln!("{msg}");
+    std::process::abort();
 }
 
 impl AsFd for Netns {
@@ -204,6 +205,123 @@ mod tests {
             .unwrap();
         assert!(inner.same_as(&home));
         assert!(Netns::current().unwrap().same_as(&home));
+    }
+
+    /// A network namespace of its own: a helper thread unshares and hands back its
+    /// namespace (it lives as long as the handle). Needs root, as every test here.
+    fn new_namespace() -> Netns {
+        std::thread::spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+            Netns::current().unwrap()
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[test]
+    fn run_enters_another_namespace_and_comes_back() {
+        let home = Netns::current().unwrap();
+        let pod = new_namespace();
+        assert!(!pod.same_as(&home));
+        let inside = pod.run(|| Netns::current().unwrap()).unwrap();
+        assert!(inside.same_as(&pod), "f runs inside the namespace");
+        assert!(
+            Netns::current().unwrap().same_as(&home),
+            "and the thread is back"
+        );
+        // Nested the other way round: home inside the pod, back to the pod, then home.
+        let (outer, inner, after) = pod
+            .run(|| {
+                let inner = home.run(|| Netns::current().unwrap()).unwrap();
+                (Netns::current().unwrap(), inner, ())
+            })
+            .unwrap();
+        let () = after;
+        assert!(inner.same_as(&home) && outer.same_as(&pod));
+        assert!(Netns::current().unwrap().same_as(&home));
+        // A panic inside still brings the thread home.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pod.run(|| panic!("inside the pod")).unwrap()
+        }));
+        assert!(r.is_err());
+        assert!(Netns::current().unwrap().same_as(&home));
+    }
+
+    const ABORT_CHILD: &str = "REDIRECT_NETNS_ABORT_CHILD";
+
+    /// Clears the calling thread's effective capabilities: setns then fails (EPERM).
+    fn drop_effective_capabilities() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Default, Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        // _LINUX_CAPABILITY_VERSION_3; pid 0: this thread.
+        let mut h = Header {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let mut d = [Data::default(); 2];
+        // SAFETY: the header and two data structs capget/capset expect for version 3.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()), 0);
+            d[0].effective = 0;
+            d[1].effective = 0;
+            assert_eq!(libc::syscall(libc::SYS_capset, &h, d.as_ptr()), 0);
+        }
+    }
+
+    #[test]
+    fn a_thread_that_cannot_return_home_aborts_the_process() {
+        if std::env::var_os(ABORT_CHILD).is_some() {
+            // The child: in a pod's namespace, the thread loses the right to setns.
+            let pod = new_namespace();
+            let r = pod.run(drop_effective_capabilities);
+            // Still running: the thread is left in the pod and would serve other tasks.
+            let stuck = Netns::current().unwrap().same_as(&pod);
+            eprintln!("child: run returned {r:?}, thread left in the pod: {stuck}");
+            std::process::exit(3);
+        }
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child
+            .args([
+                "--exact",
+                "netns::tests::a_thread_that_cannot_return_home_aborts_the_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(ABORT_CHILD, "1");
+        // SAFETY: only setrlimit between fork and exec. No core file for the abort.
+        unsafe {
+            child.pre_exec(|| {
+                let none = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::setrlimit(libc::RLIMIT_CORE, &none);
+                Ok(())
+            });
+        }
+        let out = child.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGABRT),
+            "the child must abort, got {:?}; its stderr:\n{stderr}",
+            out.status
+        );
+        assert!(
+            stderr.contains("fatal: cannot return a thread to its network namespace"),
+            "{stderr}"
+        );
     }
 
     #[test]

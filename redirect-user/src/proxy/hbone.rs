@@ -3,8 +3,10 @@
 //!
 //! - [`Pool`] (client): TLS connections from the source pod's namespace presenting the
 //!   source workload's identity, pooled per (source identity, destination identity,
-//!   source IP, destination address), at most 100 streams each, released after 5 idle
-//!   minutes.
+//!   source pod namespace, source IP, destination address), at most 100 streams each,
+//!   released after 5 idle minutes (upstream's `POOL_UNUSED_RELEASE_TIMEOUT`); a key
+//!   leaves the pool with its last connection, and a removed pod's connections are
+//!   closed ([`Pool::release_netns`]).
 //! - [`serve`] (server): one TLS connection presenting the pod's identity; each CONNECT
 //!   stream is checked ([`check_request`]), authorised, and answered 200 only once the
 //!   connection to the app is up.
@@ -34,6 +36,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
+    drain::PodTasks,
     identity::{Identity, Tls, identities_of},
     outbound_socket, unmap,
 };
@@ -234,6 +237,8 @@ where
 struct PoolKey {
     src: Identity,
     dst: Identity,
+    /// The source pod's namespace (device, inode): its connections start there.
+    netns: (u64, u64),
     src_ip: IpAddr,
     tunnel: SocketAddr,
 }
@@ -242,6 +247,8 @@ struct Pooled {
     send: h2::client::SendRequest<Bytes>,
     streams: Arc<AtomicUsize>,
     closed: Arc<AtomicBool>,
+    /// The task driving the connection: aborting it closes the connection.
+    driver: tokio::task::AbortHandle,
 }
 
 /// Counts a pooled connection's live streams.
@@ -259,6 +266,37 @@ impl Drop for StreamGuard {
 struct SlotState {
     conns: Vec<Pooled>,
     failed: Option<(Instant, io::ErrorKind, String)>,
+}
+
+impl SlotState {
+    /// Nothing to keep: no live connection, no failure recent enough to fail fast on.
+    fn unused(&mut self) -> bool {
+        self.conns.retain(|p| !p.closed.load(Ordering::Acquire));
+        self.conns.is_empty()
+            && self
+                .failed
+                .as_ref()
+                .is_none_or(|(at, _, _)| at.elapsed() >= FAIL_FAST)
+    }
+}
+
+type Slots = Arc<Mutex<HashMap<PoolKey, Slot>>>;
+
+fn lock_slots(
+    s: &Mutex<HashMap<PoolKey, Slot>>,
+) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Slot>> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes `key` if its slot is unused (a slot being opened on is kept).
+fn forget_if_unused(slots: &Mutex<HashMap<PoolKey, Slot>>, key: &PoolKey) {
+    let mut map = lock_slots(slots);
+    let unused = map
+        .get(key)
+        .is_some_and(|slot| slot.try_lock().is_ok_and(|mut s| s.unused()));
+    if unused {
+        map.remove(key);
+    }
 }
 
 type Slot = Arc<tokio::sync::Mutex<SlotState>>;
@@ -283,14 +321,12 @@ pub struct Outbound<'a> {
 /// HBONE client connections, shared by every pod of a proxy.
 pub struct Pool {
     tls: Tls,
-    slots: Mutex<HashMap<PoolKey, Slot>>,
+    slots: Slots,
 }
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool")
-            .field("keys", &self.slots.lock().unwrap().len())
-            .finish()
+        f.debug_struct("Pool").field("keys", &self.keys()).finish()
     }
 }
 
@@ -298,13 +334,42 @@ impl Pool {
     pub fn new(tls: Tls) -> Self {
         Self {
             tls,
-            slots: Mutex::new(HashMap::new()),
+            slots: Slots::default(),
+        }
+    }
+
+    /// Keys (source, destination, source pod, peer) the pool holds.
+    pub fn keys(&self) -> usize {
+        lock_slots(&self.slots).len()
+    }
+
+    /// Closes the connections that started in the namespace (dev, ino) (a pod that
+    /// left) and forgets their keys.
+    pub fn release_netns(&self, dev: u64, ino: u64) {
+        let gone: Vec<Slot> = {
+            let mut map = lock_slots(&self.slots);
+            let keys: Vec<PoolKey> = map
+                .keys()
+                .filter(|k| k.netns == (dev, ino))
+                .cloned()
+                .collect();
+            keys.iter().filter_map(|k| map.remove(k)).collect()
+        };
+        for slot in gone {
+            // An opener holding the slot belongs to the pod, whose tasks ended first.
+            match slot.try_lock() {
+                Ok(s) => s.conns.iter().for_each(|p| {
+                    p.closed.store(true, Ordering::Release);
+                    p.driver.abort();
+                }),
+                Err(_) => debug!(dev, ino, "hbone: pooled slot busy at pod removal"),
+            }
         }
     }
 
     /// Live pooled connections (all keys).
     pub fn connections(&self) -> usize {
-        let slots: Vec<Slot> = self.slots.lock().unwrap().values().cloned().collect();
+        let slots: Vec<Slot> = lock_slots(&self.slots).values().cloned().collect();
         slots
             .iter()
             .map(|s| {
@@ -326,10 +391,19 @@ impl Pool {
         let key = PoolKey {
             src: o.src.clone(),
             dst: o.dst.clone(),
+            netns: (o.netns.dev(), o.netns.ino()),
             src_ip: o.client.ip(),
             tunnel: o.tunnel,
         };
-        let slot = self.slots.lock().unwrap().entry(key).or_default().clone();
+        let slot = {
+            let mut map = lock_slots(&self.slots);
+            if !map.contains_key(&key) {
+                // New keys are rare: forget the unused ones first (connections closed,
+                // failures past their moment), so keys never outgrow what is in use.
+                map.retain(|_, s| s.try_lock().map(|mut s| !s.unused()).unwrap_or(true));
+            }
+            map.entry(key.clone()).or_default().clone()
+        };
         let (send, guard) = {
             let mut slot = slot.lock().await;
             slot.conns.retain(|p| !p.closed.load(Ordering::Acquire));
@@ -345,7 +419,7 @@ impl Pool {
                     {
                         return Err(io::Error::new(*kind, why.clone()));
                     }
-                    match self.connect(o).await {
+                    match self.connect(o, &key).await {
                         Ok(p) => {
                             slot.failed = None;
                             slot.conns.push(p);
@@ -382,7 +456,7 @@ impl Pool {
         Ok(H2Io::new(stream, resp.into_body(), Some(guard)))
     }
 
-    async fn connect(&self, o: &Outbound<'_>) -> io::Result<Pooled> {
+    async fn connect(&self, o: &Outbound<'_>, key: &PoolKey) -> io::Result<Pooled> {
         let started = Instant::now();
         let tcp = tokio::time::timeout(
             CONNECT_TIMEOUT,
@@ -412,26 +486,32 @@ impl Pool {
         let streams = Arc::new(AtomicUsize::new(0));
         let closed = Arc::new(AtomicBool::new(false));
         debug!(src = %o.src, dst = %o.dst, peer = %o.tunnel, elapsed_us = started.elapsed().as_micros() as u64, "hbone: pooled connection opened");
-        tokio::spawn(drive_client(
+        let driver = tokio::spawn(drive_client(
             conn,
             streams.clone(),
             closed.clone(),
             o.tunnel,
+            Arc::downgrade(&self.slots),
+            key.clone(),
         ));
         Ok(Pooled {
             send,
             streams,
             closed,
+            driver: driver.abort_handle(),
         })
     }
 }
 
-/// Drives a pooled connection; closes it after [`POOL_IDLE`] without streams.
+/// Drives a pooled connection; closes it after [`POOL_IDLE`] without streams. Its key
+/// leaves the pool with it, unless another connection uses the key.
 async fn drive_client<T>(
     mut conn: h2::client::Connection<T, Bytes>,
     streams: Arc<AtomicUsize>,
     closed: Arc<AtomicBool>,
     peer: SocketAddr,
+    slots: std::sync::Weak<Mutex<HashMap<PoolKey, Slot>>>,
+    key: PoolKey,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
@@ -457,6 +537,10 @@ async fn drive_client<T>(
         }
     }
     closed.store(true, Ordering::Release);
+    drop(conn);
+    if let Some(slots) = slots.upgrade() {
+        forget_if_unused(&slots, &key);
+    }
 }
 
 /// A W3C traceparent with a fresh random trace and span id.
@@ -491,6 +575,34 @@ pub trait Inbound: Send + Sync + 'static {
     /// How often connections are pinged.
     fn keepalive(&self) -> Duration {
         KEEPALIVE
+    }
+    /// The pod's tasks, where each stream runs (so the pod's removal ends them);
+    /// `None`: plain tokio tasks.
+    fn tasks(&self) -> Option<&PodTasks> {
+        None
+    }
+}
+
+/// Runs `f` as a task of the pod, or a plain task; `false` once the pod is draining.
+pub(super) fn spawn_in<F>(tasks: Option<&PodTasks>, f: F) -> bool
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    match tasks {
+        Some(t) => t.spawn(f),
+        None => {
+            tokio::spawn(f);
+            true
+        }
+    }
+}
+
+/// Aborts a task when dropped (with the future that spawned it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -541,7 +653,7 @@ pub async fn serve<I: Inbound>(
     let dead = Arc::new(tokio::sync::Notify::new());
     let pinger = conn.ping_pong().map(|mut p| {
         let (every, dead) = (inbound.keepalive(), dead.clone());
-        tokio::spawn(async move {
+        AbortOnDrop(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 let wait = every.min(HANDSHAKE_TIMEOUT);
@@ -551,7 +663,7 @@ pub async fn serve<I: Inbound>(
                     return;
                 }
             }
-        })
+        }))
     });
     loop {
         tokio::select! {
@@ -564,9 +676,12 @@ pub async fn serve<I: Inbound>(
                         break;
                     }
                 };
-                let inbound = inbound.clone();
+                let task_inbound = inbound.clone();
                 let peer_id = peer_id.clone();
-                tokio::spawn(async move {
+                // Refused while the pod drains: the stream is reset unserved, the
+                // connection goes on carrying the streams already open.
+                spawn_in(inbound.tasks(), async move {
+                    let inbound = task_inbound;
                     stream(&*inbound, req, respond, arrived_at, peer, peer_id.as_deref()).await;
                 });
             }
@@ -576,9 +691,7 @@ pub async fn serve<I: Inbound>(
             }
         }
     }
-    if let Some(p) = pinger {
-        p.abort();
-    }
+    drop(pinger);
     Ok(())
 }
 

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::{
+    drain::PodTasks,
     hbone::{self, Outbound, Pool, Refusal},
     identity::{Identity, Tls},
     outbound_socket,
@@ -100,6 +101,7 @@ impl Mesh {
             netns,
             server,
             quic,
+            tasks: PodTasks::new(),
         });
         pod.quic.serve(Arc::downgrade(&pod));
         Ok(pod)
@@ -120,9 +122,27 @@ pub struct PodMesh {
     netns: Netns,
     server: Arc<rustls::ServerConfig>,
     quic: PodEndpoint,
+    /// Every connection and stream served for the pod (its relay's too).
+    tasks: PodTasks,
+}
+
+/// The pod is gone (its relay drained, its tasks ended): the pooled tunnels that
+/// started in its namespace are closed with it. Its QUIC endpoint closes as it drops.
+impl Drop for PodMesh {
+    fn drop(&mut self) {
+        self.mesh
+            .pool
+            .release_netns(self.netns.dev(), self.netns.ino());
+        debug!(pod = self.uid, "mesh: pod released");
+    }
 }
 
 impl PodMesh {
+    /// The pod's tasks: its relay runs its connections here.
+    pub fn tasks(&self) -> &PodTasks {
+        &self.tasks
+    }
+
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
         self.server.clone()
     }
@@ -225,6 +245,10 @@ impl hbone::Inbound for PodMesh {
 
     fn pod(&self) -> &str {
         &self.uid
+    }
+
+    fn tasks(&self) -> Option<&PodTasks> {
+        Some(&self.tasks)
     }
 
     fn keepalive(&self) -> std::time::Duration {

@@ -5,6 +5,7 @@
 //! steered connections arrive for, and are answered from, addresses that are not the
 //! pod's.
 
+pub mod drain;
 pub mod hbone;
 pub mod identity;
 pub mod mesh;
@@ -16,10 +17,11 @@ use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::AsFd,
+    time::Duration,
 };
 
 use redirect_ebpf::{PORT_DNS, PORT_INBOUND, PORT_OUTBOUND, PORT_TUNNEL, PROXY_MARK};
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, TcpKeepalive, Type};
 
 use crate::{ebpf::PodSockets, netns::Netns};
 
@@ -116,6 +118,22 @@ fn bind_udp(port: u16) -> io::Result<std::net::UdpSocket> {
     Ok(s.into())
 }
 
+/// TCP keepalive of relayed connections, as upstream's proxy sets it: first probe after
+/// 180 s of silence, then every 180 s, 9 unanswered probes end the connection. A peer
+/// that vanished is noticed; an idle connection whose peer is there lives on.
+pub const KEEPALIVE_TIME: Duration = Duration::from_secs(180);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(180);
+pub const KEEPALIVE_RETRIES: u32 = 9;
+
+pub(crate) fn set_keepalive(s: &SockRef<'_>) -> io::Result<()> {
+    s.set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_time(KEEPALIVE_TIME)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_RETRIES),
+    )
+}
+
 /// Lets the socket use an address that is not local (the original destination of a
 /// steered connection, or a client's address).
 fn set_transparent(s: &Socket, v6: bool) -> io::Result<()> {
@@ -173,6 +191,7 @@ pub fn outbound_socket(
             let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
             s.set_mark(PROXY_MARK)?;
             s.set_tcp_nodelay(true)?;
+            set_keepalive(&SockRef::from(&s))?;
             if let Some(src) = source {
                 set_transparent(&s, dest.is_ipv6())?;
                 s.set_reuse_address(true)?;

@@ -87,6 +87,7 @@ use tracing::{debug, info};
 
 use super::{
     any,
+    drain::PodTasks,
     hbone::{self, Inbound, Outbound, check_request, pipe},
     identity::{Identity, Tls, identities_of},
     proxy_socket, unmap,
@@ -450,12 +451,21 @@ impl PodEndpoint {
     /// Accepts connections and streams until the endpoint is dropped; each stream is
     /// one CONNECT, checked, authorised and connected by `inbound`, answered 200 once
     /// the app connection is up, then piped both ways. A second call replaces the first.
+    ///
+    /// Connections and streams run as the pod's tasks ([`Inbound::tasks`]), so its
+    /// removal ends them.
     pub fn serve<I: Inbound>(&self, inbound: Weak<I>) {
         let endpoint = self.endpoint.clone();
         let netns = self.netns.clone();
+        let tasks = inbound.upgrade().and_then(|i| i.tasks().cloned());
         let task = tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
-                tokio::spawn(serve_connection(incoming, inbound.clone(), netns.clone()));
+                let conn =
+                    serve_connection(incoming, inbound.clone(), netns.clone(), tasks.clone());
+                if !hbone::spawn_in(tasks.as_ref(), conn) {
+                    // The pod is draining: new connections are refused.
+                    debug!("quic: connection refused, the pod is draining");
+                }
             }
         });
         if let Some(old) = self.accept.lock().unwrap().replace(task.abort_handle()) {
@@ -492,7 +502,12 @@ fn peer_identity(conn: &Connection) -> Option<Identity> {
     identities_of(certs.first()?).into_iter().next()
 }
 
-async fn serve_connection<I: Inbound>(incoming: Incoming, inbound: Weak<I>, netns: Arc<Netns>) {
+async fn serve_connection<I: Inbound>(
+    incoming: Incoming,
+    inbound: Weak<I>,
+    netns: Arc<Netns>,
+    tasks: Option<PodTasks>,
+) {
     let remote = unmap(incoming.remote_address());
     let conn = match tokio::time::timeout(hbone::HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(c)) => c,
@@ -515,7 +530,11 @@ async fn serve_connection<I: Inbound>(incoming: Incoming, inbound: Weak<I>, netn
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(serve_stream(inbound.clone(), info.clone(), send, recv));
+                // Refused while the pod drains: the stream is dropped (reset).
+                hbone::spawn_in(
+                    tasks.as_ref(),
+                    serve_stream(inbound.clone(), info.clone(), send, recv),
+                );
             }
             Err(e) => {
                 debug!(%remote, error = %e, "quic: inbound connection ended");
@@ -650,8 +669,7 @@ type Slot = Arc<tokio::sync::Mutex<Vec<Pooled>>>;
 /// QUIC client connections, shared by every pod of a proxy.
 pub struct QuicTransport {
     tls: Tls,
-    slots: Mutex<HashMap<PoolKey, Slot>>,
-    configs: Mutex<HashMap<(Identity, Identity), quinn::ClientConfig>>,
+    slots: Arc<Mutex<HashMap<PoolKey, Slot>>>,
 }
 
 impl fmt::Debug for QuicTransport {
@@ -666,9 +684,13 @@ impl QuicTransport {
     pub fn new(tls: Tls) -> Self {
         Self {
             tls,
-            slots: Mutex::new(HashMap::new()),
-            configs: Mutex::new(HashMap::new()),
+            slots: Arc::default(),
         }
+    }
+
+    /// Keys (source, destination, source endpoint, peer) the pool holds.
+    pub fn keys(&self) -> usize {
+        self.slots.lock().unwrap().len()
     }
 
     /// Live pooled connections (all keys).
@@ -684,11 +706,9 @@ impl QuicTransport {
             .sum()
     }
 
+    /// Made for each new connection (rare: connections are pooled) around the TLS
+    /// configuration, which [`Tls`] caches within its bound; nothing is cached here.
     fn client_config(&self, src: &Identity, dst: &Identity) -> io::Result<quinn::ClientConfig> {
-        let mut c = self.configs.lock().unwrap();
-        if let Some(cfg) = c.get(&(src.clone(), dst.clone())) {
-            return Ok(cfg.clone());
-        }
         let crypto = QuicClientConfig::try_from(self.tls.client_config(
             src,
             std::slice::from_ref(dst),
@@ -697,7 +717,6 @@ impl QuicTransport {
         .map_err(io::Error::other)?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
         cfg.transport_config(transport_config());
-        c.insert((src.clone(), dst.clone()), cfg.clone());
         Ok(cfg)
     }
 
@@ -743,7 +762,7 @@ impl QuicTransport {
                         .unwrap_or(true)
                 });
             }
-            slots.entry(key).or_default().clone()
+            slots.entry(key.clone()).or_default().clone()
         };
         let mut pooled = slot.lock().await;
         pooled.retain(Pooled::alive);
@@ -756,7 +775,12 @@ impl QuicTransport {
         let conn = self.connect(endpoint, o).await?;
         let streams = Arc::new(AtomicUsize::new(0));
         let guard = StreamGuard::new(&streams);
-        tokio::spawn(release_when_idle(conn.clone(), streams.clone()));
+        tokio::spawn(release_when_idle(
+            conn.clone(),
+            streams.clone(),
+            Arc::downgrade(&self.slots),
+            key,
+        ));
         pooled.push(Pooled {
             conn: conn.clone(),
             streams,
@@ -828,15 +852,21 @@ async fn request(
     }
 }
 
-/// Closes a pooled connection after [`POOL_IDLE`] without streams.
-async fn release_when_idle(conn: Connection, streams: Arc<AtomicUsize>) {
+/// Closes a pooled connection after [`POOL_IDLE`] without streams. When it has ended,
+/// its key leaves the pool unless another live connection uses it.
+async fn release_when_idle(
+    conn: Connection,
+    streams: Arc<AtomicUsize>,
+    slots: Weak<Mutex<HashMap<PoolKey, Slot>>>,
+    key: PoolKey,
+) {
     let mut idle_since = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
             e = conn.closed() => {
                 debug!(peer = %conn.remote_address(), error = %e, "quic: pooled connection ended");
-                return;
+                break;
             }
             _ = tick.tick() => {
                 if streams.load(Ordering::Acquire) > 0 {
@@ -844,10 +874,21 @@ async fn release_when_idle(conn: Connection, streams: Arc<AtomicUsize>) {
                 } else if idle_since.elapsed() >= POOL_IDLE {
                     debug!(peer = %conn.remote_address(), "quic: idle pooled connection released");
                     conn.close(VarInt::from_u32(CODE_NO_ERROR), b"idle");
-                    return;
+                    break;
                 }
             }
         }
+    }
+    let Some(slots) = slots.upgrade() else { return };
+    let mut map = slots.lock().unwrap();
+    let unused = map.get(&key).is_some_and(|slot| {
+        slot.try_lock().is_ok_and(|mut pooled| {
+            pooled.retain(Pooled::alive);
+            pooled.is_empty()
+        })
+    });
+    if unused {
+        map.remove(&key);
     }
 }
 

@@ -11,22 +11,49 @@
 //!   policy requires mTLS).
 //! - 15008 (tunnel): bare, answers `TUNNEL <local address>\n` and closes; mesh, the
 //!   HBONE server.
-//! - 15053 (DNS, UDP and TCP): forwards to the original destination and answers from it.
+//! - 15053 (DNS, UDP and TCP): forwards to the original destination and answers from it;
+//!   at most [`DNS_IN_FLIGHT`] UDP queries per pod at once, the excess dropped and
+//!   counted ([`Relay::dns_dropped`]).
+//!
+//! Every connection and query runs as a task of the pod ([`PodTasks`]): removing the pod
+//! ([`Relay::drain`]) closes its listeners at once, gives its connections a grace period,
+//! then cancels them, so nothing of the pod (sockets, its namespace fd) outlives it.
+//! Relayed TCP sockets carry TCP keepalive as upstream's (180 s, then every 180 s, 9
+//! probes): a connection whose peer vanished ends; an idle healthy one lives on.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
 use redirect_ebpf::{PORT_DNS, PORT_INBOUND, PORT_OUTBOUND, PORT_TUNNEL};
 use tokio::{
     io::{AsyncWriteExt, copy_bidirectional},
     net::{TcpListener, TcpStream, UdpSocket},
-    sync::mpsc::UnboundedSender,
+    sync::{Semaphore, mpsc::UnboundedSender},
     task::JoinSet,
 };
 use tracing::{debug, info, warn};
 
-use super::{PodListeners, mesh::PodMesh, outbound_socket, udp_socket, unmap};
+use super::{
+    PodListeners,
+    drain::{Drained, PodTasks},
+    mesh::PodMesh,
+    outbound_socket, set_keepalive, udp_socket, unmap,
+};
 use crate::netns::Netns;
+
+/// UDP DNS queries of one pod in flight at once; more are dropped (the app retries).
+pub const DNS_IN_FLIGHT: usize = 64;
+/// How long a forwarded DNS query waits for its answer.
+const DNS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest DNS datagram.
+const DNS_MAX: usize = 65535;
 
 /// One connection (or datagram) as a listener received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,9 +67,27 @@ pub struct AcceptEvent {
     pub peer: SocketAddr,
 }
 
-/// The relay tasks of one pod; dropping it stops them and closes the listeners.
+/// The relay tasks of one pod. [`Relay::drain`] (or [`Relay::stop`]) ends them all;
+/// dropping it cancels them without waiting.
 pub struct Relay {
-    tasks: JoinSet<()>,
+    listeners: JoinSet<()>,
+    ctx: Arc<Ctx>,
+    /// Handed over to a [`Draining`].
+    closed: bool,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if !self.closed {
+            self.ctx.tasks.abort();
+        }
+    }
+}
+
+/// A pod whose listeners are closed and whose connections are still running:
+/// [`Draining::finish`] ends them.
+pub struct Draining {
+    ctx: Arc<Ctx>,
 }
 
 impl Relay {
@@ -74,11 +119,19 @@ impl Relay {
         events: Option<UnboundedSender<AcceptEvent>>,
         mesh: Option<Arc<PodMesh>>,
     ) -> std::io::Result<Self> {
+        // A mesh pod's tunnel streams (15008, QUIC) run as its tasks too.
+        let tasks = match &mesh {
+            Some(m) => m.tasks().clone(),
+            None => PodTasks::new(),
+        };
         let ctx = Arc::new(Ctx {
             pod: pod.into(),
             netns,
             events,
             mesh,
+            tasks,
+            dns_slots: Arc::new(Semaphore::new(DNS_IN_FLIGHT)),
+            dns_dropped: AtomicU64::new(0),
         });
         let mut tasks = JoinSet::new();
         let PodListeners {
@@ -101,13 +154,71 @@ impl Relay {
         if let Some(u) = dns_udp {
             tasks.spawn(dns_udp_loop(ctx.clone(), u));
         }
-        Ok(Self { tasks })
+        Ok(Self {
+            listeners: tasks,
+            ctx,
+            closed: false,
+        })
     }
 
-    /// Stops the tasks and waits for them, so the listeners are closed on return.
-    pub async fn stop(mut self) {
-        self.tasks.abort_all();
-        while self.tasks.join_next().await.is_some() {}
+    /// The pod's connections, tunnel streams and DNS queries being served now.
+    pub fn connections(&self) -> usize {
+        self.ctx.tasks.live()
+    }
+
+    /// UDP DNS queries dropped because [`DNS_IN_FLIGHT`] were already in flight.
+    pub fn dns_dropped(&self) -> u64 {
+        self.ctx.dns_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Closes the listeners (closed on return) and hands back the running connections.
+    pub async fn close(mut self) -> Draining {
+        self.listeners.abort_all();
+        while self.listeners.join_next().await.is_some() {}
+        self.closed = true;
+        Draining {
+            ctx: self.ctx.clone(),
+        }
+    }
+
+    /// Removes the pod: closes its listeners, lets its connections finish for up to
+    /// `grace`, then cancels them. On return no task of the pod is left and its sockets
+    /// are closed.
+    pub async fn drain(self, grace: Duration) -> Drained {
+        self.close().await.finish(grace).await
+    }
+
+    /// [`Relay::drain`] without a grace period.
+    pub async fn stop(self) {
+        self.drain(Duration::ZERO).await;
+    }
+}
+
+impl Draining {
+    /// Lets the connections finish for up to `grace` (upstream's default is
+    /// [`super::drain::DEFAULT_GRACE`]), then cancels the rest and waits until they are dropped.
+    pub async fn finish(self, grace: Duration) -> Drained {
+        let d = self.ctx.tasks.drain(grace).await;
+        if d.cancelled > 0 {
+            info!(
+                pod = self.ctx.pod,
+                finished = d.finished,
+                cancelled = d.cancelled,
+                grace_ms = grace.as_millis() as u64,
+                "relay: pod drained, connections cancelled at the deadline"
+            );
+        } else {
+            debug!(
+                pod = self.ctx.pod,
+                finished = d.finished,
+                "relay: pod drained"
+            );
+        }
+        d
+    }
+
+    pub fn pod(&self) -> &str {
+        &self.ctx.pod
     }
 }
 
@@ -116,6 +227,9 @@ struct Ctx {
     netns: Netns,
     events: Option<UnboundedSender<AcceptEvent>>,
     mesh: Option<Arc<PodMesh>>,
+    tasks: PodTasks,
+    dns_slots: Arc<Semaphore>,
+    dns_dropped: AtomicU64,
 }
 
 impl Ctx {
@@ -145,6 +259,7 @@ async fn accept_loop(ctx: Arc<Ctx>, port: u16, l: TcpListener) {
         let Ok(local) = stream.local_addr() else {
             continue;
         };
+        let _ = set_keepalive(&socket2::SockRef::from(&stream));
         let (local, peer) = (
             original_destination(&stream, unmap(local), port),
             unmap(peer),
@@ -156,12 +271,17 @@ async fn accept_loop(ctx: Arc<Ctx>, port: u16, l: TcpListener) {
             continue;
         }
         ctx.event(port, false, local, peer);
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
+        let task_ctx = ctx.clone();
+        let spawned = ctx.tasks.spawn(async move {
+            let ctx = task_ctx;
             if let Err(e) = serve(&ctx, port, stream, local, peer).await {
                 debug!(pod = ctx.pod, port, %local, %peer, error = %e, "relay: connection ended with an error");
             }
         });
+        if !spawned {
+            // The pod is draining: the connection is closed unserved.
+            return;
+        }
     }
 }
 
@@ -244,12 +364,16 @@ async fn dns_udp_loop(ctx: Arc<Ctx>, sock: std::net::UdpSocket) {
             return;
         }
     };
+    // One receive buffer for the pod, filled by the kernel: nothing zeroed per datagram.
+    let mut buf = vec![0u8; DNS_MAX];
     loop {
         if sock.readable().await.is_err() {
             return;
         }
-        let got = sock.try_io(tokio::io::Interest::READABLE, || recv_with_orig_dst(&sock));
-        let (query, peer, orig) = match got {
+        let got = sock.try_io(tokio::io::Interest::READABLE, || {
+            recv_with_orig_dst(&sock, &mut buf)
+        });
+        let (n, peer, orig) = match got {
             Ok(x) => x,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
@@ -258,12 +382,26 @@ async fn dns_udp_loop(ctx: Arc<Ctx>, sock: std::net::UdpSocket) {
             }
         };
         ctx.event(PORT_DNS, true, orig, peer);
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
+        let Ok(permit) = ctx.dns_slots.clone().try_acquire_owned() else {
+            let dropped = ctx.dns_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            // The first, then every power of two: counted always, logged sparingly.
+            if dropped.is_power_of_two() {
+                warn!(pod = ctx.pod, %peer, %orig, dropped, in_flight = DNS_IN_FLIGHT, "relay: DNS query dropped, too many in flight");
+            }
+            continue;
+        };
+        let query = buf[..n].to_vec();
+        let task_ctx = ctx.clone();
+        let spawned = ctx.tasks.spawn(async move {
+            let _permit = permit;
+            let ctx = task_ctx;
             if let Err(e) = dns_exchange(&ctx, &query, peer, orig).await {
                 debug!(pod = ctx.pod, %peer, %orig, error = %e, "relay: DNS exchange failed");
             }
         });
+        if !spawned {
+            return;
+        }
     }
 }
 
@@ -276,18 +414,22 @@ async fn dns_exchange(
 ) -> std::io::Result<()> {
     let up = udp_socket(&ctx.netns, orig, None)?;
     up.send_to(query, orig).await?;
-    let mut buf = vec![0u8; 65535];
-    let (n, _) = tokio::time::timeout(Duration::from_secs(5), up.recv_from(&mut buf)).await??;
+    // Written by the kernel into spare capacity: not zeroed first.
+    let mut buf = Vec::with_capacity(DNS_MAX);
+    let (_, _) = tokio::time::timeout(DNS_TIMEOUT, up.recv_buf_from(&mut buf)).await??;
     let back = udp_socket(&ctx.netns, peer, Some(orig))?;
-    back.send_to(&buf[..n], peer).await?;
+    back.send_to(&buf, peer).await?;
     Ok(())
 }
 
-fn recv_with_orig_dst(sock: &UdpSocket) -> std::io::Result<(Vec<u8>, SocketAddr, SocketAddr)> {
+/// Receives one datagram into `buf`: its length, source and original destination.
+fn recv_with_orig_dst(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr, SocketAddr)> {
     use std::os::fd::AsRawFd;
-    let mut buf = vec![0u8; 65535];
     let mut cmsg = nix::cmsg_space!(libc::sockaddr_in6);
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut iov = [std::io::IoSliceMut::new(buf)];
     let msg = recvmsg::<SockaddrStorage>(
         sock.as_raw_fd(),
         &mut iov,
@@ -324,6 +466,5 @@ fn recv_with_orig_dst(sock: &UdpSocket) -> std::io::Result<(Vec<u8>, SocketAddr,
     }
     let orig =
         orig.ok_or_else(|| std::io::Error::other("datagram without its original destination"))?;
-    buf.truncate(n);
-    Ok((buf, unmap(peer), unmap(orig)))
+    Ok((n, unmap(peer), unmap(orig)))
 }

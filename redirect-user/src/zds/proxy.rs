@@ -2,11 +2,16 @@
 //! pod namespaces, opens each pod's listeners there and serves them (the bare relay for
 //! now), following [`ProxyState`]'s decisions. Reconnects with exponential backoff; pod
 //! proxies keep running while the agent is away; failed pods are retried.
+//!
+//! A removed pod (Del, left out of a snapshot, replaced by a new namespace) has its
+//! listeners closed before the answer; its connections drain in the background for the
+//! grace period (default 5 s, upstream's), then are cancelled, so nothing of the pod
+//! (sockets, its namespace fd) outlives it by more than that.
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use redirect_ebpf::PROXY_MARK;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::{sync::mpsc::UnboundedSender, task::JoinSet};
 use tokio_seqpacket::UnixSeqpacket;
 use tracing::{info, warn};
 
@@ -20,6 +25,7 @@ use crate::{
     netns::Netns,
     proxy::{
         PodListeners,
+        drain::DEFAULT_GRACE,
         mesh::Mesh,
         registry::{Protocol, Transport, Workload},
         relay::{AcceptEvent, Relay},
@@ -54,6 +60,9 @@ pub struct InpodProxy {
     /// The relay of each pod served: it holds the pod's namespace and listeners.
     running: HashMap<String, Relay>,
     pending: HashMap<String, Pending>,
+    /// Removed pods whose connections are draining.
+    draining: JoinSet<()>,
+    grace: Duration,
 }
 
 impl InpodProxy {
@@ -67,7 +76,35 @@ impl InpodProxy {
             state: ProxyState::new(),
             running: HashMap::new(),
             pending: HashMap::new(),
+            draining: JoinSet::new(),
+            grace: DEFAULT_GRACE,
         }
+    }
+
+    /// How long a removed pod's connections may go on before they are cancelled.
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Closes a removed pod's listeners now and drains its connections in the
+    /// background.
+    async fn remove(&mut self, uid: &str, relay: Relay) {
+        let draining = relay.close().await;
+        while let Some(r) = self.draining.try_join_next() {
+            if let Err(e) = r {
+                warn!(error = %e, "inpod: a drain task failed");
+            }
+        }
+        let grace = self.grace;
+        info!(
+            uid,
+            grace_ms = grace.as_millis() as u64,
+            "inpod: pod removed, draining its connections"
+        );
+        self.draining.spawn(async move {
+            draining.finish(grace).await;
+        });
     }
 
     /// Runs until the task is dropped: connect, serve, reconnect.
@@ -131,7 +168,7 @@ impl InpodProxy {
                 self.pending.remove(&uid);
                 self.forget(&uid);
                 match self.running.remove(&uid) {
-                    Some(relay) => relay.stop().await,
+                    Some(relay) => self.remove(&uid, relay).await,
                     None => warn!(uid, "inpod: delete of a pod this proxy does not serve"),
                 }
                 Ok(())
@@ -144,7 +181,7 @@ impl InpodProxy {
                     self.pending.remove(&uid);
                     self.forget(&uid);
                     if let Some(relay) = self.running.remove(&uid) {
-                        relay.stop().await;
+                        self.remove(&uid, relay).await;
                     }
                 }
                 Ok(())
@@ -162,7 +199,7 @@ impl InpodProxy {
                         uid,
                         "inpod: new namespace for a served pod, replacing its proxy"
                     );
-                    old.stop().await;
+                    self.remove(&uid, old).await;
                 }
             }
             AddPlan::Start => {}
