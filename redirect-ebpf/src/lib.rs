@@ -155,6 +155,10 @@ pub struct FlowVal {
     pub netns: u64,
     pub pod: u32,
     pub kind: u32,
+    /// When it was noted (`bpf_ktime_get_ns`): of two notes for one 5-tuple (a pod's
+    /// app and another pod's proxy can draw the same ports in their own namespaces),
+    /// sk_lookup believes the newer, the one written for the packet it is looking at.
+    pub at: u64,
 }
 
 /// Per-pod, per-CPU counters; one slot per pod in the `counters` array.

@@ -212,16 +212,16 @@ pub fn redirect_lookup(ctx: SkLookupContext) -> u32 {
     let owner = addr_owner(key.family, &key.dst);
 
     // The notes, each checked against the addresses: a note written in one pod never
-    // decides for another. Row 6 first: the proxy reaching the app.
-    if let Some(flow) = unsafe { PROXY_FLOWS.get(&key).copied() }
-        && owner.is_none_or(|o| o.netns == flow.netns)
-    {
-        count(flow.pod, |c| c.bypassed_loopback += 1);
-        return SK_PASS;
-    }
-    if let Some(flow) = unsafe { FLOWS.get(&key).copied() } {
+    // decides for another. The 5-tuple does not name the namespace, and a pod's app and
+    // another pod's proxy (row 6, spoofing the app's pod as source) can draw the same
+    // ports: the newer note is the one tc wrote for this very packet.
+    let note = match unsafe { (PROXY_FLOWS.get(&key).copied(), FLOWS.get(&key).copied()) } {
+        (Some(p), Some(n)) => Some(if p.at >= n.at { p } else { n }),
+        (p, n) => p.or(n),
+    };
+    if let Some(flow) = note {
         match flow.kind {
-            // Row 5: the pod talking to itself over lo.
+            // Row 5: the pod talking to itself over lo; row 6: the proxy reaching the app.
             FLOW_LOCAL if owner.is_none_or(|o| o.netns == flow.netns) => {
                 count(flow.pod, |c| c.bypassed_loopback += 1);
                 return SK_PASS;
@@ -475,7 +475,16 @@ fn note_flow(ctx: &TcContext, p: &Packet, netns: u64, pod: u32, kind: u32) -> bo
     };
     let kind = if kind == FLOW_PROXY { FLOW_LOCAL } else { kind };
     if map
-        .insert(&flow_key(p), &FlowVal { netns, pod, kind }, 0)
+        .insert(
+            &flow_key(p),
+            &FlowVal {
+                netns,
+                pod,
+                kind,
+                at: unsafe { h::bpf_ktime_get_ns() },
+            },
+            0,
+        )
         .is_err()
     {
         count(pod, |c| c.dropped_error += 1);
