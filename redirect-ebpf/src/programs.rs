@@ -100,6 +100,9 @@ const SOCK_DGRAM: u32 = 2;
 const PROTO_UNKNOWN: u32 = 255;
 /// IPv6 extension headers walked before giving up (the packet is then not parsed).
 const MAX_IPV6_EXT: usize = 8;
+/// How long sk_lookup believes a note: long enough for a SYN's retransmissions and a
+/// SYN-cookie handshake, short enough that a stale one seldom meets a reused 5-tuple.
+const NOTE_TTL_NS: u64 = 30_000_000_000;
 /// `note_flow` kind for a local connection of the proxy's own (kept in `PROXY_FLOWS`).
 const FLOW_PROXY: u32 = 0;
 
@@ -215,10 +218,13 @@ pub fn redirect_lookup(ctx: SkLookupContext) -> u32 {
     // decides for another. The 5-tuple does not name the namespace, and a pod's app and
     // another pod's proxy (row 6, spoofing the app's pod as source) can draw the same
     // ports: the newer note is the one tc wrote for this very packet.
+    // tc ingress removes both for a SYN from outside, and a note is believed for
+    // `NOTE_TTL_NS` only (its SYN, retransmissions, a SYN-cookie handshake's end).
     let note = match unsafe { (PROXY_FLOWS.get(&key).copied(), FLOWS.get(&key).copied()) } {
         (Some(p), Some(n)) => Some(if p.at >= n.at { p } else { n }),
         (p, n) => p.or(n),
-    };
+    }
+    .filter(|n| unsafe { h::bpf_ktime_get_ns() }.wrapping_sub(n.at) < NOTE_TTL_NS);
     if let Some(flow) = note {
         match flow.kind {
             // Row 5: the pod talking to itself over lo; row 6: the proxy reaching the app.
@@ -752,6 +758,13 @@ pub fn redirect_ingress(ctx: TcContext) -> i32 {
         return TC_ACT_SHOT;
     }
     // Where each connection goes is sk_lookup's decision, from the destination address.
+    // A note for the same 5-tuple is stale (another pod's app or proxy drew these ports
+    // in its own namespace earlier) and must not decide for a connection from outside.
+    if p.is_syn() {
+        let key = flow_key(&p);
+        let _ = FLOWS.remove(&key);
+        let _ = PROXY_FLOWS.remove(&key);
+    }
     TC_ACT_OK
 }
 

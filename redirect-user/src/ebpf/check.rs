@@ -43,14 +43,20 @@ const HELPERS: &[(ProgramType, &str, BpfHelper, &str)] = &[
     (
         ProgramType::SchedClassifier,
         "tc",
-        BpfHelper::BPF_FUNC_skc_lookup_tcp,
-        "bpf_skc_lookup_tcp",
+        BpfHelper::BPF_FUNC_sk_fullsock,
+        "bpf_sk_fullsock",
     ),
     (
         ProgramType::SchedClassifier,
         "tc",
-        BpfHelper::BPF_FUNC_sk_release,
-        "bpf_sk_release",
+        BpfHelper::BPF_FUNC_sk_storage_get,
+        "bpf_sk_storage_get",
+    ),
+    (
+        ProgramType::SchedClassifier,
+        "tc",
+        BpfHelper::BPF_FUNC_ktime_get_ns,
+        "bpf_ktime_get_ns",
     ),
     (
         ProgramType::SchedClassifier,
