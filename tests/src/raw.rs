@@ -106,32 +106,35 @@ pub fn l4_checksum(src: IpAddr, dst: IpAddr, proto: u8, data: &[u8]) -> u16 {
     fold(sum)
 }
 
-/// IPv4 packets carrying `l4` (protocol 6), split so that the first fragment holds
-/// `first` bytes of it (a multiple of 8), the rest in one more fragment.
-pub fn ipv4_fragments(seg: &Segment, first: usize, id: u16) -> Vec<Vec<u8>> {
-    assert!(first.is_multiple_of(8) && first > 0);
-    let l4 = seg.tcp_bytes();
+/// An IPv4 packet of TCP bytes `chunk`, `frag` the flags and fragment offset field.
+fn ipv4(seg: &Segment, id: u16, frag: u16, chunk: &[u8]) -> Vec<u8> {
     let (IpAddr::V4(s), IpAddr::V4(d)) = (seg.src.ip(), seg.dst.ip()) else {
         panic!("IPv4 addresses")
     };
-    let mut out = Vec::new();
-    for (off, chunk, more) in [(0, &l4[..first], true), (first, &l4[first..], false)] {
-        let mut h = vec![0x45, 0];
-        h.extend_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
-        h.extend_from_slice(&id.to_be_bytes());
-        let frag = ((off / 8) as u16) | if more { 0x2000 } else { 0 };
-        h.extend_from_slice(&frag.to_be_bytes());
-        h.extend_from_slice(&[64, 6, 0, 0]);
-        h.extend_from_slice(&s.octets());
-        h.extend_from_slice(&d.octets());
-        let mut sum = 0;
-        add_bytes(&mut sum, &h);
-        let c = fold(sum);
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-        h.extend_from_slice(chunk);
-        out.push(h);
-    }
-    out
+    let mut h = vec![0x45, 0];
+    h.extend_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
+    h.extend_from_slice(&id.to_be_bytes());
+    h.extend_from_slice(&frag.to_be_bytes());
+    h.extend_from_slice(&[64, 6, 0, 0]);
+    h.extend_from_slice(&s.octets());
+    h.extend_from_slice(&d.octets());
+    let mut sum = 0;
+    add_bytes(&mut sum, &h);
+    let c = fold(sum);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(chunk);
+    h
+}
+
+/// IPv4 packets carrying the segment, split so that the first fragment holds `first`
+/// bytes of it (a multiple of 8), the rest in one more fragment.
+pub fn ipv4_fragments(seg: &Segment, first: usize, id: u16) -> Vec<Vec<u8>> {
+    assert!(first.is_multiple_of(8) && first > 0);
+    let l4 = seg.tcp_bytes();
+    vec![
+        ipv4(seg, id, 0x2000, &l4[..first]),
+        ipv4(seg, id, (first / 8) as u16, &l4[first..]),
+    ]
 }
 
 /// An IPv6 header for `payload_len` bytes after it, first next header `next`.
@@ -185,21 +188,7 @@ pub fn ipv6_fragments(seg: &Segment, first: usize, id: u32) -> Vec<Vec<u8>> {
 
 /// A whole IPv4 packet (don't fragment) carrying the segment.
 pub fn ipv4_packet(seg: &Segment) -> Vec<u8> {
-    let l4 = seg.tcp_bytes();
-    let (IpAddr::V4(s), IpAddr::V4(d)) = (seg.src.ip(), seg.dst.ip()) else {
-        panic!("IPv4 addresses")
-    };
-    let mut h = vec![0x45, 0];
-    h.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-    h.extend_from_slice(&[0, 0, 0x40, 0, 64, 6, 0, 0]);
-    h.extend_from_slice(&s.octets());
-    h.extend_from_slice(&d.octets());
-    let mut sum = 0;
-    add_bytes(&mut sum, &h);
-    let c = fold(sum);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h.extend_from_slice(&l4);
-    h
+    ipv4(seg, 0, 0x4000, &seg.tcp_bytes())
 }
 
 /// A whole packet (IPv4, or IPv6 with no extension header) carrying the segment.

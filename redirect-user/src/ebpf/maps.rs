@@ -142,11 +142,20 @@ fn bpf_elem<K>(cmd: libc::c_long, map: BorrowedFd<'_>, key: &K, value: u64) -> s
         flags: 0,
     };
     // SAFETY: attr points at a live key, and value at a buffer of the map's value size.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, &attr as *const Attr, size_of::<Attr>()) };
+    unsafe { sys_bpf(cmd, &attr) }.map(|_| ())
+}
+
+/// The `bpf` syscall with an attribute struct of the command's layout.
+///
+/// # Safety
+/// Every pointer in `attr` must be valid for what the command reads or writes.
+pub(crate) unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: &A) -> std::io::Result<i64> {
+    // SAFETY: as the caller promises.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const A, size_of::<A>()) };
     if r < 0 {
         Err(std::io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(r)
     }
 }
 

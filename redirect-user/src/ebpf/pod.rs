@@ -641,17 +641,7 @@ fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     };
     const BPF_OBJ_GET: libc::c_long = 7;
     // SAFETY: attr points at a live NUL-terminated path.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const Attr,
-            size_of::<Attr>(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let r = unsafe { super::maps::sys_bpf(BPF_OBJ_GET, &attr) }?;
     // SAFETY: a fresh fd we own.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as i32) })
 }
@@ -673,19 +663,7 @@ fn bpf_link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Resul
     };
     const BPF_LINK_UPDATE: libc::c_long = 29;
     // SAFETY: attr is a plain struct of fds.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &attr as *const Attr,
-            size_of::<Attr>(),
-        )
-    };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    unsafe { super::maps::sys_bpf(BPF_LINK_UPDATE, &attr) }.map(|_| ())
 }
 
 /// Writes the pod's map entries; `written` gets each address entry written.
