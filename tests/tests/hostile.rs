@@ -237,11 +237,11 @@ fn a_syn_cookie_handshake_under_a_flood_reaches_the_proxy() {
         let synack = synacks_to(&frames, from)
             .pop()
             .unwrap_or_else(|| panic!("{}: no SYN-ACK", fam(v6)));
-        // The flood: SYNs from 100,000 other source ports, enough to turn over every
-        // note a tc program could have kept for the first one.
-        let flood_to = m.addr("b", v6, APP + 1);
-        for i in 0..100_000u32 {
-            let src = SocketAddr::new(from.ip(), 1024 + (i % 60000) as u16);
+        // The flood: 192,000 SYNs of distinct 5-tuples (three ports of the pod's, 64,000
+        // source ports each), three times the notes a tc program could keep.
+        for i in 0..192_000u32 {
+            let src = SocketAddr::new(from.ip(), 1024 + (i % 64000) as u16);
+            let flood_to = m.addr("b", v6, APP + 1 + (i / 64000) as u16);
             let mut s = Segment::syn(src, flood_to, i);
             s.mss = 0;
             let _ = sender.send(to.ip(), &raw::packet(&s));
