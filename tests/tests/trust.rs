@@ -127,6 +127,13 @@ fn key_u64(k: &serde_json::Value) -> Option<u64> {
     Some(u64::from_le_bytes(bytes.try_into().ok()?))
 }
 
+/// The cgroup directory this test process sits in (the engine moved it there).
+fn own_cgroup_dir() -> PathBuf {
+    redirect_user::ebpf::cgroup2_mount()
+        .unwrap()
+        .join(cgroup_of(std::process::id() as i32).trim_start_matches('/'))
+}
+
 fn cgroup_of(pid: i32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .unwrap_or_default()
@@ -193,11 +200,7 @@ fn a_proxy_in_the_root_cgroup_is_moved_and_a_forged_mark_there_is_redirected() {
 fn a_proxy_that_disconnects_is_untrusted() {
     let m = Mesh::new("tr-disc", &[("a", 10), ("c", 100)]).unwrap();
     let n = NodeDirs::new(&m, "node");
-    let here = PathBuf::from(format!(
-        "{}/{}",
-        redirect_user::ebpf::cgroup2_mount().unwrap().display(),
-        cgroup_of(std::process::id() as i32).trim_start_matches('/')
-    ));
+    let here = own_cgroup_dir();
     let _agent = n.agent_in(&here, "agent.log");
     let cg = AppCgroup::new("tr-disc-proxy").unwrap();
     let proxy = n.proxy_in(&cg.path, "proxy.log");
@@ -228,11 +231,7 @@ fn a_proxy_that_disconnects_is_untrusted() {
 fn sixty_six_proxies_over_time_are_each_trusted() {
     let m = Mesh::new("tr-66", &[("c", 100)]).unwrap();
     let n = NodeDirs::new(&m, "node");
-    let here = PathBuf::from(format!(
-        "{}/{}",
-        redirect_user::ebpf::cgroup2_mount().unwrap().display(),
-        cgroup_of(std::process::id() as i32).trim_start_matches('/')
-    ));
+    let here = own_cgroup_dir();
     let _agent = n.agent_in(&here, "agent.log");
     let started = Instant::now();
     for i in 0..66 {
@@ -257,11 +256,7 @@ fn sixty_six_proxies_over_time_are_each_trusted() {
 fn a_second_agent_on_one_pin_directory_waits_then_refuses_naming_the_first() {
     let m = Mesh::new("tr-own", &[("a", 10), ("c", 100)]).unwrap();
     let n = NodeDirs::new(&m, "node");
-    let here = PathBuf::from(format!(
-        "{}/{}",
-        redirect_user::ebpf::cgroup2_mount().unwrap().display(),
-        cgroup_of(std::process::id() as i32).trim_start_matches('/')
-    ));
+    let here = own_cgroup_dir();
     let mut first = n.agent_in(&here, "agent1.log");
     pod_add(n.d(), &m.host("a").path(), "a").unwrap();
     // A second agent on the same pins (its own socket and state).
@@ -361,11 +356,7 @@ fn link_prog_id(path: &str) -> u64 {
 fn a_restarted_agent_runs_its_own_programs_and_the_saved_options() {
     let m = Mesh::new("tr-adopt", &[("a", 10), ("c", 100)]).unwrap();
     let n = NodeDirs::new(&m, "node");
-    let here = PathBuf::from(format!(
-        "{}/{}",
-        redirect_user::ebpf::cgroup2_mount().unwrap().display(),
-        cgroup_of(std::process::id() as i32).trim_start_matches('/')
-    ));
+    let here = own_cgroup_dir();
     let mut first = n.agent_in(&here, "agent1.log");
     pod_add(n.d(), &m.host("a").path(), "a").unwrap();
     let link = format!("{}/links/uid-a", n.pin);
