@@ -4,12 +4,14 @@
 //! - [`netns`]: network namespace handles.
 //! - [`netlink`]: links, addresses, rules and routes inside a namespace.
 //! - [`proxy`]: the proxy's sockets in a pod and a plain TCP relay.
+//! - [`membership`]: which pods belong to the mesh (the CNI plugin asks, the cluster answers).
 
 pub mod agent;
 pub mod cli;
 pub mod demo;
 pub mod demo_mesh;
 pub mod ebpf;
+pub mod membership;
 pub mod netlink;
 pub mod netns;
 pub mod probe;
