@@ -51,6 +51,10 @@ pub const MAX_LISTENERS: u32 = 8 * MAX_PODS;
 pub const MAX_FLOWS: u32 = 65536;
 /// Cgroups whose sockets are trusted as the proxy's own.
 pub const MAX_PROXY_CGROUPS: u32 = 64;
+/// Connections being opened by the node's own sockets to pods (kubelet probes).
+pub const MAX_HOST_FLOWS: u32 = 16384;
+/// Network namespaces whose sockets are the node's own (the agent's, normally one).
+pub const MAX_NODE_NETNS: u32 = 16;
 
 /// Names of the maps and programs, as pinned under the engine's bpffs directory.
 pub mod names {
@@ -63,11 +67,13 @@ pub mod names {
     pub const COUNTERS: &str = "counters";
     pub const POD_INDEX: &str = "pod_index";
     pub const STEERED: &str = "steered";
+    pub const HOST_FLOWS: &str = "host_flows";
+    pub const NODE_NETNS: &str = "node_netns";
     /// aya-log's ring buffer; pinned so that a restarted loader reads the logs of the
     /// programs an earlier run attached.
     pub const LOGS: &str = "AYA_LOGS";
     /// Every map of the object, all pinned.
-    pub const ALL_MAPS: [&str; 10] = [
+    pub const ALL_MAPS: [&str; 12] = [
         PODS,
         POD_ADDRS,
         LISTENERS,
@@ -77,12 +83,18 @@ pub mod names {
         COUNTERS,
         POD_INDEX,
         STEERED,
+        HOST_FLOWS,
+        NODE_NETNS,
         LOGS,
     ];
     pub const PROG_SK_LOOKUP: &str = "redirect_lookup";
     pub const PROG_EGRESS: &str = "redirect_egress";
     pub const PROG_INGRESS: &str = "redirect_ingress";
     pub const PROG_LOOPBACK: &str = "redirect_loopback";
+    pub const PROG_HOST_PROBES: &str = "redirect_host_probes";
+    /// The node-wide link of `redirect_host_probes` (on the cgroup2 root), pinned as
+    /// `node/host_probes` (`links/` holds the pods' links, by uid).
+    pub const LINK_HOST_PROBES: &str = "host_probes";
 }
 
 /// `PodConfig::flags`: capture DNS (port 53, UDP and TCP) to the pod's 15053 sockets.
@@ -147,6 +159,9 @@ pub const FLOW_LOCAL: u32 = 1;
 pub const FLOW_OUTBOUND: u32 = 3;
 /// Like `FLOW_OUTBOUND`, DNS with capture on (row 8).
 pub const FLOW_DNS: u32 = 4;
+/// A socket of the node's own namespace connecting to a pod (the kubelet's probes):
+/// the app takes it (row 4). Kept in `host_flows`, written only by the sock_ops program.
+pub const FLOW_HOST: u32 = 5;
 
 /// What tc, which sees a new connection first and knows its namespace, tells sk_lookup.
 #[repr(C)]
@@ -175,7 +190,8 @@ pub struct PodCounters {
     pub redirected_15008: u64,
     /// DNS queries (UDP datagrams and TCP connections) steered to 15053.
     pub redirected_15053: u64,
-    /// Connections from or to the probe source, left alone.
+    /// Health probes left to the app: from the probe source (169.254.7.127), or opened
+    /// by a socket of the node's own namespace.
     pub bypassed_probe: u64,
     /// Connections over the loopback interface, left alone.
     pub bypassed_loopback: u64,

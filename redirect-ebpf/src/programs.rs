@@ -7,8 +7,8 @@ use aya_ebpf::{
     },
     btf_maps::{HashMap, LruHashMap, PerCpuArray, SkStorage},
     helpers::generated as h,
-    macros::{btf_map, classifier, sk_lookup},
-    programs::{SkLookupContext, TcContext},
+    macros::{btf_map, classifier, sk_lookup, sock_ops},
+    programs::{SkLookupContext, SockOpsContext, TcContext},
 };
 use aya_log_ebpf::warn;
 use redirect_ebpf::*;
@@ -60,6 +60,19 @@ static FLOWS: LruHashMap<FlowKey, FlowVal, { MAX_FLOWS as usize }> = LruHashMap:
 /// these notes over.
 #[btf_map(name = "proxy_flows")]
 static PROXY_FLOWS: LruHashMap<FlowKey, FlowVal, { MAX_FLOWS as usize }> = LruHashMap::new();
+
+/// Connections that a socket of the node's own namespace is opening to a pod address:
+/// the kubelet's health probes (row 4, without the upstream SNAT address). Written only
+/// by `redirect_host_probes`, which sees the socket itself, never a packet: a packet
+/// forwarded from elsewhere that merely carries the node's address writes nothing.
+/// Removed when that socket closes.
+#[btf_map(name = "host_flows")]
+static HOST_FLOWS: LruHashMap<FlowKey, FlowVal, { MAX_HOST_FLOWS as usize }> = LruHashMap::new();
+
+/// Netns cookies of the node's own namespace(s): whose sockets' connections to pods
+/// are probes.
+#[btf_map(name = "node_netns")]
+static NODE_NETNS: HashMap<u64, u8, { MAX_NODE_NETNS as usize }> = HashMap::new();
 
 /// Cgroup ids whose 0x539-marked sockets are the proxy's (0: any cgroup).
 #[btf_map(name = "proxy_cgroups")]
@@ -256,8 +269,9 @@ pub fn redirect_lookup(ctx: SkLookupContext) -> u32 {
         count(0, |c| c.dropped_unknown_dst += 1);
         return SK_DROP;
     };
-    // Row 4: health probes reach the app.
-    if is_probe(key.family, &key.src) {
+    // Row 4: health probes reach the app: from the probe address, or opened by a
+    // socket of the node's own namespace (the kubelet) to this pod.
+    if is_probe(key.family, &key.src) || is_host_probe(&key, pod.pod) {
         count(pod.pod, |c| c.bypassed_probe += 1);
         return SK_PASS;
     }
@@ -268,6 +282,14 @@ pub fn redirect_lookup(ctx: SkLookupContext) -> u32 {
         PORT_INBOUND
     };
     assign(&ctx, pod.netns, pod.pod, port, key.proto)
+}
+
+/// A connection a socket of the node's namespace is opening to pod `pod`.
+#[inline(always)]
+fn is_host_probe(key: &FlowKey, pod: u32) -> bool {
+    unsafe { HOST_FLOWS.get(key) }.is_some_and(|n| {
+        n.pod == pod && unsafe { h::bpf_ktime_get_ns() }.wrapping_sub(n.at) < NOTE_TTL_NS
+    })
 }
 
 /// Hands the connection to the pod's proxy socket on `port`; drops it when there is none
@@ -792,6 +814,101 @@ pub fn redirect_loopback(ctx: TcContext) -> i32 {
     };
     note_flow(&ctx, &p, netns, pod, kind);
     TC_ACT_OK
+}
+
+// ---------------------------------------------------------------------------------
+// sock_ops on the cgroup2 root: the node's own connections to pods (kubelet probes).
+//
+// tc in a pod cannot tell a packet sent by a socket of the node from one forwarded
+// through the node with the node's address as source: crossing the veth into the pod
+// drops the socket and the mark. Here the kernel hands us the connecting socket
+// itself, with its namespace, before its SYN is built.
+// ---------------------------------------------------------------------------------
+
+const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+const BPF_SOCK_OPS_STATE_CB_FLAG: u32 = 4;
+const TCP_CLOSE: u32 = 7;
+
+#[sock_ops]
+pub fn redirect_host_probes(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            // SAFETY: the helper reads the context's socket.
+            let netns = unsafe { h::bpf_get_netns_cookie(ctx.ops as *mut c_void) };
+            if NODE_NETNS.get_ptr(&netns).is_none() {
+                return 1;
+            }
+            let key = host_flow_key(&ctx);
+            let Some(owner) = addr_owner(key.family, &key.dst) else {
+                return 1;
+            };
+            let note = FlowVal {
+                netns,
+                pod: owner.pod,
+                kind: FLOW_HOST,
+                at: unsafe { h::bpf_ktime_get_ns() },
+            };
+            if HOST_FLOWS.insert(&key, &note, 0).is_ok() {
+                // Told when the socket changes state, to forget the note at its close.
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+            let _ = HOST_FLOWS.remove(&host_flow_key(&ctx));
+        }
+        _ => {}
+    }
+    1
+}
+
+/// The connection as the pod's sk_lookup will see it: the node's socket is the source.
+/// An IPv6 socket connecting to an IPv4-mapped address sends IPv4.
+#[inline(always)]
+fn host_flow_key(ctx: &SockOpsContext) -> FlowKey {
+    // SAFETY: each context field read on its own, 4 bytes at a time, as the verifier wants.
+    unsafe {
+        let o = ctx.ops;
+        macro_rules! rd {
+            ($($f:tt)+) => { core::ptr::read_volatile(core::ptr::addr_of!((*o).$($f)+)) };
+        }
+        let family: u32 = rd!(family);
+        let (family, src, dst) = if family == AF_INET {
+            (AF_INET, v4(rd!(local_ip4)), v4(rd!(remote_ip4)))
+        } else {
+            let src = [
+                rd!(local_ip6[0]),
+                rd!(local_ip6[1]),
+                rd!(local_ip6[2]),
+                rd!(local_ip6[3]),
+            ];
+            let dst = [
+                rd!(remote_ip6[0]),
+                rd!(remote_ip6[1]),
+                rd!(remote_ip6[2]),
+                rd!(remote_ip6[3]),
+            ];
+            let mapped = |a: &[u32; 4]| a[0] == 0 && a[1] == 0 && a[2] == 0xffffu32.to_be();
+            if mapped(&dst) {
+                (AF_INET, v4(src[3]), v4(dst[3]))
+            } else {
+                (AF_INET6, src, dst)
+            }
+        };
+        // remote_port holds the port in network order in its upper 16 bits (the
+        // kernel shifts it there on little-endian), local_port in host order.
+        let rport: u32 = rd!(remote_port);
+        let lport: u32 = rd!(local_port);
+        FlowKey {
+            family,
+            proto: IPPROTO_TCP,
+            src,
+            dst,
+            sport: lport as u16,
+            dport: u16::from_be((rport >> 16) as u16),
+            _pad: 0,
+        }
+    }
 }
 
 #[cfg(not(test))]

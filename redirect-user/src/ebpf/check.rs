@@ -17,6 +17,18 @@ pub struct KernelCheckError {
 /// Helpers each program type calls, as (program type, type name, helper, helper name).
 const HELPERS: &[(ProgramType, &str, BpfHelper, &str)] = &[
     (
+        ProgramType::SockOps,
+        "sock_ops",
+        BpfHelper::BPF_FUNC_get_netns_cookie,
+        "bpf_get_netns_cookie",
+    ),
+    (
+        ProgramType::SockOps,
+        "sock_ops",
+        BpfHelper::BPF_FUNC_sock_ops_cb_flags_set,
+        "bpf_sock_ops_cb_flags_set",
+    ),
+    (
         ProgramType::SkLookup,
         "sk_lookup",
         BpfHelper::BPF_FUNC_sk_assign,
@@ -111,6 +123,11 @@ pub fn check_kernel(pin_root: &Path) -> Result<(), KernelCheckError> {
             ProgramType::SchedClassifier,
             "tc (sched_cls) programs",
             "CONFIG_NET_CLS_BPF and CONFIG_NET_SCH_INGRESS",
+        ),
+        (
+            ProgramType::SockOps,
+            "sock_ops programs (the kubelet's probes)",
+            "CONFIG_CGROUP_BPF",
         ),
     ] {
         match is_program_supported(ty) {

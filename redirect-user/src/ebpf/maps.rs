@@ -18,6 +18,7 @@ pub struct Maps {
     pub proxy_cgroups: HashMap<MapData, u64, u8>,
     pub counters: PerCpuArray<MapData, PodCounters>,
     pub pod_index: HashMap<MapData, PodUid, PodRecord>,
+    pub node_netns: HashMap<MapData, u64, u8>,
     max_pods: u32,
 }
 
@@ -47,6 +48,7 @@ impl Maps {
             proxy_cgroups: take(ebpf, names::PROXY_CGROUPS)?,
             counters: take(ebpf, names::COUNTERS)?,
             pod_index: take(ebpf, names::POD_INDEX)?,
+            node_netns: take(ebpf, names::NODE_NETNS)?,
             max_pods,
         })
     }

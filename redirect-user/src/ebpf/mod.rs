@@ -4,14 +4,17 @@
 //!
 //! Pinned layout (default root `/sys/fs/bpf/redirect`):
 //! ```text
-//! maps/{pods,pod_addrs,listeners,flows,proxy_cgroups,counters,pod_index,steered,AYA_LOGS}
-//! progs/{redirect_lookup,redirect_egress,redirect_ingress,redirect_loopback}
+//! maps/{pods,pod_addrs,listeners,flows,proxy_flows,proxy_cgroups,counters,pod_index,steered,
+//!      host_flows,node_netns,AYA_LOGS}
+//! progs/{redirect_lookup,redirect_egress,redirect_ingress,redirect_loopback,redirect_host_probes}
 //! links/<pod uid>          the pod's sk_lookup link
+//! node/host_probes         sock_ops on the cgroup2 root: the node's probes (host_probes.rs)
 //! ```
 //! The tc filters live in each pod namespace (priority 1, handle 0x539), where
 //! `tc filter show dev eth0 egress` shows them.
 
 mod check;
+mod host_probes;
 mod maps;
 pub mod owner;
 mod pod;
@@ -132,6 +135,10 @@ pub enum EngineError {
     Owner(#[from] OwnerError),
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    #[error("attaching {what}: {detail}")]
+    Attach { what: String, detail: String },
+    #[error("the node's namespace: {0}")]
+    NodeNetns(String),
     #[error("this engine was closed: its pin directory may belong to another engine now")]
     Closed,
 }
@@ -222,6 +229,15 @@ impl Engine {
             load_and_pin::<SchedClassifier>(&mut ebpf, name, &pin_dir)?;
         }
         let mut maps = Maps::take(&mut ebpf, max_pods)?;
+        // The node's namespace is this process's: its sockets' connections to pods are
+        // probes. Entries of an earlier run (or of other namespaces) go.
+        let own = pod::netns_cookie_here().map_err(|e| EngineError::NodeNetns(e.to_string()))?;
+        let stale: Vec<u64> = maps.node_netns.keys().filter_map(Result::ok).collect();
+        for c in stale.into_iter().filter(|c| *c != own) {
+            maps.node_netns.remove(&c)?;
+        }
+        maps.node_netns.insert(own, 1, 0)?;
+        host_probes::attach(&mut ebpf, &pin_dir)?;
         let mut trust = TrustTable::new(base);
         let pinned: Vec<u64> = maps.proxy_cgroups.keys().filter_map(Result::ok).collect();
         let (carried, dropped) =
@@ -444,6 +460,20 @@ impl Engine {
             proxies = inner.trust.count(cgroup_id),
             "redirect: proxy cgroup trusted"
         );
+        Ok(())
+    }
+
+    /// Treats the sockets of another namespace as the node's own too: their connections
+    /// to enrolled pods reach the apps, as the kubelet's probes do. For nodes simulated
+    /// in a namespace (tests, demos); the engine's own namespace always counts.
+    pub fn add_node_netns(&self, netns: &crate::netns::Netns) -> Result<(), EngineError> {
+        let cookie = netns
+            .run(pod::netns_cookie_here)
+            .map_err(|e| EngineError::NodeNetns(e.to_string()))?
+            .map_err(|e| EngineError::NodeNetns(e.to_string()))?;
+        let mut guard = self.lock();
+        let inner = guard.as_mut().ok_or(EngineError::Closed)?;
+        inner.maps.node_netns.insert(cookie, 1, 0)?;
         Ok(())
     }
 

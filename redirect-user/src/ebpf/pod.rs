@@ -221,7 +221,7 @@ struct NsInfo {
     ipv6: bool,
 }
 
-fn netns_cookie_here() -> std::io::Result<u64> {
+pub(super) fn netns_cookie_here() -> std::io::Result<u64> {
     let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)?;
     getsockopt::<u64>(s.as_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE)
 }
@@ -624,7 +624,7 @@ fn update_sk_lookup(ebpf: &mut Ebpf, netns: &Netns, pin: &Path) -> Result<(), St
 }
 
 /// `BPF_OBJ_GET`: an fd for a pinned object.
-fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+pub(super) fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
     #[repr(C)]
     struct Attr {
@@ -647,7 +647,7 @@ fn bpf_obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
 }
 
 /// `BPF_LINK_UPDATE`: the link runs `prog` from now on.
-fn bpf_link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()> {
+pub(super) fn bpf_link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()> {
     #[repr(C)]
     struct Attr {
         link_fd: u32,
