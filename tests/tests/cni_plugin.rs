@@ -67,30 +67,33 @@ impl Node {
     /// `redirect-user run` (agent and bare-relay proxy); returns once its proxy is
     /// connected.
     fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    fn start_agent_with(&mut self, extra: &[&str]) {
         self.starts += 1;
         let _ = std::fs::remove_file(self.cni_socket());
         let zds = self.dir.join("zds.sock");
         let cni = self.cni_socket();
         let log = self.dir.join(format!("agent-{}.log", self.starts));
-        let p = Proc::spawn(
-            &[
-                "run",
-                "--bare-relay",
-                "--drain-secs",
-                "0",
-                "--socket",
-                zds.to_str().unwrap(),
-                "--state-dir",
-                self.d(),
-                "--pin-dir",
-                &self.pin,
-                "--cni-socket",
-                cni.to_str().unwrap(),
-                "--mesh-namespaces",
-                "mesh",
-            ],
-            &log,
-        );
+        let mut args = vec![
+            "run",
+            "--bare-relay",
+            "--drain-secs",
+            "0",
+            "--socket",
+            zds.to_str().unwrap(),
+            "--state-dir",
+            self.d(),
+            "--pin-dir",
+            &self.pin,
+            "--cni-socket",
+            cni.to_str().unwrap(),
+            "--mesh-namespaces",
+            "mesh",
+        ];
+        args.extend_from_slice(extra);
+        let p = Proc::spawn(&args, &log);
         self.agent = Some(p);
         wait_for("plugin socket", 15, || cni.exists());
         wait_for("proxy connected", 15, || {
@@ -454,4 +457,71 @@ fn without_a_proxy_the_add_fails_and_the_pod_is_let_go() {
     assert!(r.ok, "{r:?}");
     assert_eq!(n.pod("uid-a").unwrap()["state"]["state"], "ready");
     assert!(n.ask("a", "c").unwrap().starts_with("c from "));
+}
+
+#[test]
+fn the_agent_installs_the_plugin_and_keeps_its_configuration_in_place() {
+    let mut n = Node::new("cniinst", &[("a", 10)]);
+    let conf = n.dir.join("net.d");
+    let bin = n.dir.join("bin");
+    std::fs::create_dir_all(&conf).unwrap();
+    let primary = conf.join("10-containerd-net.conflist");
+    let primary_bytes = br#"{"cniVersion": "1.0.0", "name": "containerd-net",
+  "plugins": [{"type": "bridge", "bridge": "cni0"}, {"type": "portmap"}]}"#;
+    std::fs::write(&primary, primary_bytes).unwrap();
+    let plugin = redirect_cni_bin().unwrap();
+    let (c, b, p) = (
+        conf.to_str().unwrap().to_string(),
+        bin.to_str().unwrap().to_string(),
+        plugin.to_str().unwrap().to_string(),
+    );
+    let ours = conf.join("0-redirect.conflist");
+    let dirs = ["--cni-conf-dir", &c, "--cni-bin-dir", &b];
+
+    // One-shot install and uninstall.
+    let out = cli(&[&["cni", "install", "--cni-plugin-bin", &p][..], &dirs[..]].concat()).unwrap();
+    assert!(out.contains("0-redirect.conflist"), "{out}");
+    assert!(ours.exists() && bin.join("redirect-cni").exists());
+    cli(&[&["cni", "uninstall"][..], &dirs[..]].concat()).unwrap();
+    assert!(!ours.exists() && !bin.join("redirect-cni").exists());
+
+    // In the agent: installed, and kept.
+    n.start_agent_with(&[&["--cni-install", "--cni-plugin-bin", &p][..], &dirs[..]].concat());
+    wait_for("our configuration", 10, || ours.exists());
+    let list: Value = serde_json::from_slice(&std::fs::read(&ours).unwrap()).unwrap();
+    let plugins = list["plugins"].as_array().unwrap();
+    assert_eq!(list["name"], "containerd-net");
+    assert_eq!(plugins.len(), 3);
+    assert_eq!(plugins[2]["type"], "redirect-cni");
+    assert_eq!(plugins[2]["socket"], json!(n.cni_socket()));
+    // The installed binary is the plugin.
+    let v = Command::new(bin.join("redirect-cni"))
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&v.stdout).contains("supportedVersions"));
+    // Ours deleted: restored; the primary changed: followed.
+    std::fs::remove_file(&ours).unwrap();
+    wait_for("restored", 5, || ours.exists());
+    std::fs::write(
+        &primary,
+        br#"{"cniVersion": "1.1.0", "name": "containerd-net", "plugins": [{"type": "ptp"}]}"#,
+    )
+    .unwrap();
+    wait_for("followed", 5, || {
+        std::fs::read(&ours)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|l| {
+                l["cniVersion"] == "1.1.0" && l["plugins"].as_array().unwrap().len() == 2
+            })
+    });
+    let primary_now = std::fs::read(&primary).unwrap();
+    // A stopped agent leaves both: new pods wait instead of escaping.
+    n.stop_agent();
+    assert!(ours.exists() && bin.join("redirect-cni").exists());
+    cli(&[&["cni", "uninstall"][..], &dirs[..]].concat()).unwrap();
+    assert!(!ours.exists());
+    assert_eq!(std::fs::read(&primary).unwrap(), primary_now);
 }

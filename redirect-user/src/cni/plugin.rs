@@ -846,6 +846,71 @@ mod tests {
         assert_eq!(out.stdout.unwrap()["code"], code::NOT_AVAILABLE);
     }
 
+    /// A fake agent on a real socket, answering each connection with `answer` (after
+    /// reading the request line); `None`: never answers.
+    fn fake_agent(
+        tag: &str,
+        answer: Option<&'static [u8]>,
+    ) -> (PathBuf, std::thread::JoinHandle<Vec<u8>>) {
+        let path =
+            std::env::temp_dir().join(format!("redirect-cni-{tag}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut req = Vec::new();
+            BufReader::new(&s).read_until(b'\n', &mut req).unwrap();
+            match answer {
+                Some(a) => (&s).write_all(a).unwrap(),
+                None => std::thread::sleep(Duration::from_millis(1500)),
+            }
+            req
+        });
+        (path, t)
+    }
+
+    fn req() -> PluginRequest {
+        PluginRequest::Add {
+            pod: CniPod {
+                uid: "u".into(),
+                name: "p".into(),
+                namespace: "mesh".into(),
+                netns: "/n".into(),
+                container_id: "c".into(),
+                ips: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn the_agent_exchange_is_bounded_and_checked() {
+        let (p, t) = fake_agent("ok", Some(b"{\"result\":\"enrolled\",\"uid\":\"u\"}\n"));
+        let r = ask_agent(&p, &req(), Duration::from_secs(5)).unwrap();
+        assert_eq!(r, PluginResponse::Enrolled { uid: "u".into() });
+        let sent: PluginRequest = serde_json::from_slice(&t.join().unwrap()).unwrap();
+        assert_eq!(sent, req());
+        let _ = std::fs::remove_file(&p);
+
+        let (p, _t) = fake_agent("slow", None);
+        let start = Instant::now();
+        let e = ask_agent(&p, &req(), Duration::from_secs(1)).unwrap_err();
+        assert_eq!(e.code, code::TIMEOUT);
+        assert!(e.msg.starts_with("timed out after 1s"), "{}", e.msg);
+        assert!(start.elapsed() < Duration::from_millis(1400));
+        let _ = std::fs::remove_file(&p);
+
+        for (tag, bad) in [
+            ("garbage", &b"nonsense\n"[..]),
+            ("closed", b""),
+            ("half", b"{\"result\""),
+        ] {
+            let (p, _t) = fake_agent(tag, Some(bad));
+            let e = ask_agent(&p, &req(), Duration::from_secs(5)).unwrap_err();
+            assert_eq!(e.code, code::BAD_ANSWER, "{tag}: {e:?}");
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+
     #[test]
     fn unknown_or_missing_command() {
         for e in [env(&[("CNI_COMMAND", "FROB")]), env(&[])] {
