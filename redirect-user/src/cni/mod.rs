@@ -32,9 +32,10 @@ pub const PLUGIN_TYPE: &str = "redirect-cni";
 /// Longest request or answer line.
 pub const MAX_LINE: usize = 64 * 1024;
 
-/// What the plugin asks the agent.
+/// What the plugin asks the agent. Unknown keys are ignored, so that a plugin binary
+/// newer or older than the agent (during an upgrade) still gets an answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "op", rename_all = "snake_case")]
 pub enum PluginRequest {
     /// A pod sandbox is being created (CNI ADD): enrol it if it belongs to the mesh.
     Add { pod: CniPod },
@@ -149,6 +150,9 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<PluginRequest>(&line).unwrap(), req);
         assert!(serde_json::from_str::<PluginRequest>(r#"{"op":"del"}"#).is_err());
+        // A newer plugin's extra keys do not stop an older agent.
+        let newer = r#"{"op":"add","v":2,"pod":{"uid":"u1","name":"p","namespace":"mesh","netns":"/var/run/netns/x","container_id":"c","ips":[],"labels":{}}}"#;
+        assert_eq!(serde_json::from_str::<PluginRequest>(&newer).unwrap(), req);
         let ok = PluginResponse::Enrolled { uid: "u1".into() };
         assert_eq!(
             serde_json::to_string(&ok).unwrap(),
