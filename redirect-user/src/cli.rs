@@ -120,11 +120,14 @@ impl AgentArgs {
             .unwrap_or_else(|| self.state_dir.join(cni::SOCKET_NAME))
     }
 
-    /// The plugin socket (answering from `--mesh-namespaces`) and, with
-    /// `--cni-install`, the installation and its watch. Runs until dropped.
-    async fn serve_cni(&self, agent: Agent) -> Result<()> {
-        let membership: Arc<dyn Membership> =
-            Arc::new(StaticMembership::new(self.mesh_namespaces.clone()));
+    /// Which pods the plugin's requests enrol, without a cluster: `--mesh-namespaces`.
+    fn static_membership(&self) -> Arc<dyn Membership> {
+        Arc::new(StaticMembership::new(self.mesh_namespaces.clone()))
+    }
+
+    /// The plugin socket (answering from `membership`) and, with `--cni-install`, the
+    /// installation and its watch. Runs until dropped.
+    async fn serve_cni(&self, agent: Agent, membership: Arc<dyn Membership>) -> Result<()> {
         let socket = self.cni_socket();
         let install = if self.cni_install {
             Some(self.cni.config(socket.clone())?)
@@ -298,7 +301,7 @@ pub async fn run(agent: AgentArgs, mut proxy: ProxyArgs) -> Result<()> {
     tokio::select! {
         r = a.serve(&agent.socket) => r.map_err(Into::into),
         r = control::serve(a.clone(), &control_sock) => r.context("control socket"),
-        r = agent.serve_cni(a.clone()) => r.context("CNI plugin socket"),
+        r = agent.serve_cni(a.clone(), agent.static_membership()) => r.context("CNI plugin socket"),
         () = drain_on_shutdown(proxy.drain_secs) => {
             proxy_task.abort();
             Ok(())
@@ -318,7 +321,7 @@ pub async fn node_agent(agent: AgentArgs) -> Result<()> {
     tokio::select! {
         r = a.serve(&agent.socket) => r.map_err(Into::into),
         r = control::serve(a.clone(), &control_sock) => r.context("control socket"),
-        r = agent.serve_cni(a.clone()) => r.context("CNI plugin socket"),
+        r = agent.serve_cni(a.clone(), agent.static_membership()) => r.context("CNI plugin socket"),
         () = shutdown() => Ok(()),
     }
 }
