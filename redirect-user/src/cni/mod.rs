@@ -152,7 +152,7 @@ mod tests {
         assert!(serde_json::from_str::<PluginRequest>(r#"{"op":"del"}"#).is_err());
         // A newer plugin's extra keys do not stop an older agent.
         let newer = r#"{"op":"add","v":2,"pod":{"uid":"u1","name":"p","namespace":"mesh","netns":"/var/run/netns/x","container_id":"c","ips":[],"labels":{}}}"#;
-        assert_eq!(serde_json::from_str::<PluginRequest>(&newer).unwrap(), req);
+        assert_eq!(serde_json::from_str::<PluginRequest>(newer).unwrap(), req);
         let ok = PluginResponse::Enrolled { uid: "u1".into() };
         assert_eq!(
             serde_json::to_string(&ok).unwrap(),
