@@ -142,7 +142,7 @@ impl AgentArgs {
         };
         tokio::select! {
             r = cni::server::serve(agent, membership, &socket) => r.map_err(Into::into),
-            () = watch => Ok(()),
+            () = watch => bail!("the CNI configuration watch stopped"),
         }
     }
 

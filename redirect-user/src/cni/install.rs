@@ -256,8 +256,9 @@ pub fn uninstall(conf_dir: &Path, bin_dir: &Path) -> Result<(), InstallError> {
     Ok(())
 }
 
-/// Keeps the plugin installed until the task is dropped. Logs each change of state
-/// once ("cni: configuration written", "cni: no primary CNI configuration yet").
+/// Keeps the plugin installed until the task is dropped (returns only if a pass
+/// panicked). Logs each change of state once ("cni: configuration written",
+/// "cni: no primary CNI configuration yet").
 pub async fn watch(cfg: InstallConfig) {
     info!(
         conf_dir = %cfg.conf_dir.display(),

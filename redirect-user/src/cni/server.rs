@@ -46,7 +46,8 @@ pub enum ServeError {
     },
 }
 
-/// Serves the plugin socket at `path` (mode 0600) until the task is dropped.
+/// Serves the plugin socket at `path` (mode 0600, taking the path over from an
+/// earlier agent) until the task is dropped.
 pub async fn serve(
     agent: Agent,
     membership: Arc<dyn Membership>,
@@ -59,9 +60,14 @@ pub async fn serve(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    // Bound under a temporary name and made private before it takes the real name:
+    // never connectable by others, not even for a moment.
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(err)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
     info!(socket = %path.display(), "cni: serving the plugin socket");
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
     loop {
