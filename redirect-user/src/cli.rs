@@ -11,7 +11,9 @@ use crate::{
         Agent, PodSpec,
         control::{self, ControlRequest},
     },
+    cni::{self, StaticMembership, install::InstallConfig},
     ebpf::{DEFAULT_OWNER_WAIT, DEFAULT_PIN_DIR, Engine, EngineConfig, ProxyIdentity},
+    membership::Membership,
     proxy::{
         identity::{CertSource, DEFAULT_TRUST_DOMAIN, FileCerts, LocalCa, Tls},
         mesh::{DefaultTransport, Mesh},
@@ -44,9 +46,106 @@ pub struct AgentArgs {
     /// Only for hosts without cgroup v2.
     #[arg(long)]
     pub trust_mark_only: bool,
+    /// The CNI plugin's socket, always served. Default: <state-dir>/pluginevent.sock
+    /// (/var/run/redirect/pluginevent.sock with the default state directory).
+    #[arg(long)]
+    pub cni_socket: Option<PathBuf>,
+    /// Namespaces whose pods are in the mesh (comma-separated), for the CNI plugin's
+    /// requests on a node without a cluster to ask; their service account is `default`.
+    /// Without it no pod the plugin asks about is in the mesh.
+    #[arg(long, value_delimiter = ',')]
+    pub mesh_namespaces: Vec<String>,
+    /// Install the CNI plugin (binary and configuration) and keep its configuration
+    /// ahead of the primary CNI's while the agent runs. Stopping the agent leaves both
+    /// in place (new pods wait); `redirect-user cni uninstall` removes them.
+    #[arg(long)]
+    pub cni_install: bool,
+    #[command(flatten)]
+    pub cni: CniInstallArgs,
+}
+
+/// Where the CNI plugin goes on the node.
+#[derive(Debug, Clone, Args)]
+pub struct CniInstallArgs {
+    /// The runtime's CNI configuration directory.
+    #[arg(long, default_value = cni::install::DEFAULT_CONF_DIR)]
+    pub cni_conf_dir: PathBuf,
+    /// The runtime's CNI binary directory (Debian's packages: /usr/lib/cni).
+    #[arg(long, default_value = cni::install::DEFAULT_BIN_DIR)]
+    pub cni_bin_dir: PathBuf,
+    /// The redirect-cni binary to copy there. Default: next to this executable.
+    #[arg(long)]
+    pub cni_plugin_bin: Option<PathBuf>,
+}
+
+impl CniInstallArgs {
+    fn config(&self, socket: PathBuf) -> Result<InstallConfig> {
+        let plugin_bin = match &self.cni_plugin_bin {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()
+                .context("finding this executable")?
+                .with_file_name(cni::PLUGIN_TYPE),
+        };
+        Ok(InstallConfig {
+            conf_dir: self.cni_conf_dir.clone(),
+            bin_dir: self.cni_bin_dir.clone(),
+            plugin_bin,
+            socket,
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CniCommand {
+    /// Copy the plugin binary and write our configuration ahead of the primary's, once.
+    Install {
+        #[command(flatten)]
+        dirs: CniInstallArgs,
+        /// The agent's plugin socket, written into the configuration.
+        #[arg(long, default_value = cni::DEFAULT_SOCKET)]
+        cni_socket: PathBuf,
+    },
+    /// Remove our configuration and the plugin binary (the primary's file is left alone).
+    Uninstall {
+        #[command(flatten)]
+        dirs: CniInstallArgs,
+    },
 }
 
 impl AgentArgs {
+    /// The CNI plugin's socket.
+    pub fn cni_socket(&self) -> PathBuf {
+        self.cni_socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join(cni::SOCKET_NAME))
+    }
+
+    /// Which pods the plugin's requests enrol, without a cluster: `--mesh-namespaces`.
+    fn static_membership(&self) -> Arc<dyn Membership> {
+        Arc::new(StaticMembership::new(self.mesh_namespaces.clone()))
+    }
+
+    /// The plugin socket (answering from `membership`) and, with `--cni-install`, the
+    /// installation and its watch. Runs until dropped.
+    async fn serve_cni(&self, agent: Agent, membership: Arc<dyn Membership>) -> Result<()> {
+        let socket = self.cni_socket();
+        let install = if self.cni_install {
+            Some(self.cni.config(socket.clone())?)
+        } else {
+            None
+        };
+        let watch = async move {
+            match install {
+                Some(cfg) => cni::install::watch(cfg).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = cni::server::serve(agent, membership, &socket) => r.map_err(Into::into),
+            () = watch => bail!("the CNI configuration watch stopped"),
+        }
+    }
+
     /// `identity` unless the mark alone is to be trusted.
     fn identity(&self, identity: ProxyIdentity) -> ProxyIdentity {
         if self.trust_mark_only {
@@ -202,6 +301,7 @@ pub async fn run(agent: AgentArgs, mut proxy: ProxyArgs) -> Result<()> {
     tokio::select! {
         r = a.serve(&agent.socket) => r.map_err(Into::into),
         r = control::serve(a.clone(), &control_sock) => r.context("control socket"),
+        r = agent.serve_cni(a.clone(), agent.static_membership()) => r.context("CNI plugin socket"),
         () = drain_on_shutdown(proxy.drain_secs) => {
             proxy_task.abort();
             Ok(())
@@ -221,6 +321,7 @@ pub async fn node_agent(agent: AgentArgs) -> Result<()> {
     tokio::select! {
         r = a.serve(&agent.socket) => r.map_err(Into::into),
         r = control::serve(a.clone(), &control_sock) => r.context("control socket"),
+        r = agent.serve_cni(a.clone(), agent.static_membership()) => r.context("CNI plugin socket"),
         () = shutdown() => Ok(()),
     }
 }
@@ -372,4 +473,26 @@ pub async fn status(control: ControlArgs, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `redirect-user cni install|uninstall`.
+pub fn cni(cmd: CniCommand) -> Result<()> {
+    match cmd {
+        CniCommand::Install { dirs, cni_socket } => {
+            let cfg = dirs.config(cni_socket)?;
+            let pass = cni::install::install(cfg).context("installing the CNI plugin")?;
+            let (cni::install::Pass::Written { primary }
+            | cni::install::Pass::Unchanged { primary }) = pass;
+            println!(
+                "{} written (primary: {primary}), {} installed",
+                dirs.cni_conf_dir.join(cni::install::CONF_NAME).display(),
+                dirs.cni_bin_dir.join(cni::PLUGIN_TYPE).display()
+            );
+            Ok(())
+        }
+        CniCommand::Uninstall { dirs } => {
+            cni::install::uninstall(&dirs.cni_conf_dir, &dirs.cni_bin_dir)
+                .context("uninstalling the CNI plugin")
+        }
+    }
 }

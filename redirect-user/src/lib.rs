@@ -5,9 +5,11 @@
 //! - [`netlink`]: links, addresses, rules and routes inside a namespace.
 //! - [`proxy`]: the proxy's sockets in a pod and a plain TCP relay.
 //! - [`membership`]: which pods belong to the mesh (the CNI plugin asks, the cluster answers).
+//! - [`cni`]: the chained CNI plugin, the agent's plugin socket, the CNI configuration.
 
 pub mod agent;
 pub mod cli;
+pub mod cni;
 pub mod demo;
 pub mod demo_mesh;
 pub mod ebpf;

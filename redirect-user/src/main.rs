@@ -45,6 +45,11 @@ enum Command {
         #[command(subcommand)]
         cmd: cli::PodCommand,
     },
+    /// Install or remove the chained CNI plugin (binary and configuration).
+    Cni {
+        #[command(subcommand)]
+        cmd: cli::CniCommand,
+    },
     /// Enrolled pods, proxies and per-pod counters of a running agent.
     Status {
         #[command(flatten)]
@@ -90,6 +95,7 @@ fn main() -> Result<()> {
         Command::NodeAgent { agent } => rt.block_on(cli::node_agent(agent)),
         Command::Proxy { proxy } => rt.block_on(cli::proxy(proxy)),
         Command::Pod { cmd } => rt.block_on(cli::pod(cmd)),
+        Command::Cni { cmd } => cli::cni(cmd),
         Command::Status { control, json } => rt.block_on(cli::status(control, json)),
         Command::Demo => rt.block_on(redirect_user::demo::run()),
         Command::Probe(args) => redirect_user::probe::run(&args),

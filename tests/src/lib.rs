@@ -495,6 +495,21 @@ pub fn redirect_user_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// The `redirect-cni` plugin binary, built with `redirect-user` (same package) next to it.
+pub fn redirect_cni_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("REDIRECT_CNI_BIN") {
+        return Ok(p.into());
+    }
+    let bin = redirect_user_bin()?.with_file_name("redirect-cni");
+    if !bin.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build --release -p redirect-user`",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
 /// The netfilter design this project replaces: the in-pod rule set of inpod-rules.md,
 /// applied as the node agent it comes from does (iptables-restore inside the pod's
 /// namespace, the return-routing rule and routes over netlink). For side-by-side runs.

@@ -100,8 +100,9 @@ fn run(cli: Cli) -> Result<()> {
         Task::Test { args } => {
             setup::all()?;
             build_ebpf(true)?;
-            // The tests run the CLI as a separate process (an app in another cgroup).
-            cargo(&["build", "--release", "-p", "redirect-user"])?;
+            // The tests run the CLI as a separate process (an app in another cgroup), and
+            // the CNI plugin as a runtime does: both binaries of the package are built.
+            cargo(&["build", "--release", "-p", "redirect-user", "--bins"])?;
             let mut a = vec!["test", "--workspace", "--release"];
             if !args.is_empty() {
                 a.push("--");
