@@ -44,6 +44,8 @@ pub struct AgentArgs {
     /// Only for hosts without cgroup v2.
     #[arg(long)]
     pub trust_mark_only: bool,
+    #[command(flatten)]
+    pub kube: crate::k8s::KubeArgs,
 }
 
 impl AgentArgs {
@@ -191,6 +193,7 @@ pub async fn run(agent: AgentArgs, mut proxy: ProxyArgs) -> Result<()> {
         agent.identity(ProxyIdentity::OwnCgroup),
     )?);
     let a = Agent::new(engine, &agent.state_dir)?;
+    let _kube = start_kube(&agent, &a, proxy.dns).await?;
     let proxy_cfg = ProxyConfig {
         socket: agent.socket.clone(),
         dns: proxy.dns,
@@ -217,11 +220,26 @@ pub async fn node_agent(agent: AgentArgs) -> Result<()> {
         agent.identity(ProxyIdentity::Cgroups(Vec::new())),
     )?);
     let a = Agent::new(engine, &agent.state_dir)?;
+    // The proxy is another process: whether it opens DNS listeners is not known here.
+    let _kube = start_kube(&agent, &a, false).await?;
     let control_sock = agent.state_dir.join("control.sock");
     tokio::select! {
         r = a.serve(&agent.socket) => r.map_err(Into::into),
         r = control::serve(a.clone(), &control_sock) => r.context("control socket"),
         () = shutdown() => Ok(()),
+    }
+}
+
+/// Kubernetes mode: the watch and its reconciler beside the agent (until the handle is
+/// dropped), or `None` when it is off.
+async fn start_kube(
+    args: &AgentArgs,
+    agent: &Agent,
+    dns_capture: bool,
+) -> Result<Option<Arc<crate::k8s::KubeWatch>>> {
+    match args.kube.config(dns_capture)? {
+        Some(cfg) => Ok(Some(crate::k8s::start(cfg, agent.clone()).await?)),
+        None => Ok(None),
     }
 }
 
