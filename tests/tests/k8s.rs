@@ -60,8 +60,12 @@ impl Drop for Cluster {
     }
 }
 
-fn uid(n: u32) -> String {
-    format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), n)
+/// A pod uid unique in this test process (tests run in parallel, and each agent scans
+/// the whole /proc).
+fn uid() -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("{:08x}-0000-4000-8000-{n:012x}", std::process::id())
 }
 
 impl Cluster {
@@ -299,7 +303,7 @@ fn labels_of_pods_and_namespaces_enrol_and_release_running_pods() {
     let mut k = Cluster::new("k8sflip", &[("a", 10), ("b", 11)]);
     k.api.put_namespace("app", json!({}));
     k.api.put_namespace("amb", json!({AMBIENT: "ambient"}));
-    let (ua, ub) = (uid(1), uid(2));
+    let (ua, ub) = (uid(), uid());
     k.running_pod("a", "app", &ua, json!({AMBIENT: "ambient"}));
     k.running_pod("b", "amb", &ub, json!({AMBIENT: "none"}));
 
@@ -387,7 +391,7 @@ fn labels_of_pods_and_namespaces_enrol_and_release_running_pods() {
 fn deleted_finished_and_unknown_pods_are_released() {
     let mut k = Cluster::new("k8sgone", &[("a", 10), ("b", 11), ("h", 12)]);
     k.api.put_namespace("app", json!({AMBIENT: "ambient"}));
-    let (ua, ub) = (uid(1), uid(2));
+    let (ua, ub) = (uid(), uid());
     k.running_pod("a", "app", &ua, json!({}));
     k.running_pod("b", "app", &ub, json!({}));
     k.start_agent("run");
@@ -455,21 +459,18 @@ fn pods_outside_the_mesh_are_never_enrolled() {
     k.api
         .put_namespace("kube-system", json!({AMBIENT: "ambient"}));
     k.api.put_namespace("agents", json!({AMBIENT: "ambient"}));
-    let ok = uid(1);
+    let ok = uid();
     k.running_pod("ok", "app", &ok, json!({}));
     let mut never = Vec::new();
-    for (n, (host, ns, labels)) in [
+    for (host, ns, labels) in [
         ("hostnet", "app", json!({})),
         ("sidecar", "app", json!({})),
         ("sys", "kube-system", json!({AMBIENT: "ambient"})),
         ("optout", "app", json!({AMBIENT: "none"})),
         ("own", "agents", json!({"app": "redirect-agent"})),
         ("other", "app", json!({})),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let u = uid(10 + n as u32);
+    ] {
+        let u = uid();
         let mut pod = k.running_pod(host, ns, &u, labels);
         match host {
             "hostnet" => pod["spec"]["hostNetwork"] = json!(true),
@@ -501,7 +502,7 @@ fn pods_outside_the_mesh_are_never_enrolled() {
 fn a_process_of_the_pod_in_a_namespace_without_its_ip_is_not_taken() {
     let mut k = Cluster::new("k8swrong", &[("a", 10), ("x", 11)]);
     k.api.put_namespace("app", json!({AMBIENT: "ambient"}));
-    let ua = uid(1);
+    let ua = uid();
     // The pod's only process sits in x's namespace, which does not hold a's IPs.
     k.pod_process("x", &ua, "early");
     let h = k.topo.host("a");
@@ -542,7 +543,7 @@ fn a_process_of_the_pod_in_a_namespace_without_its_ip_is_not_taken() {
 fn dropped_watches_expired_versions_and_outages_release_nothing_wrongly() {
     let mut k = Cluster::new("k8srelist", &[("a", 10), ("b", 11), ("n", 12)]);
     k.api.put_namespace("app", json!({AMBIENT: "ambient"}));
-    let (ua, ub, un) = (uid(1), uid(2), uid(3));
+    let (ua, ub, un) = (uid(), uid(), uid());
     k.running_pod("a", "app", &ua, json!({}));
     k.running_pod("b", "app", &ub, json!({}));
     k.start_agent("run");

@@ -23,7 +23,9 @@ use select::SelectConfig;
 #[derive(Debug, Clone, Args)]
 pub struct KubeArgs {
     /// Follow this node's pods in the Kubernetes API (in-cluster credentials unless
-    /// --kubeconfig): enrol the pods of the mesh, release the others.
+    /// --kubeconfig): enrol the pods of the mesh, release the others. The agent's pods
+    /// are then this node's Kubernetes pods: one added by hand whose uid is no pod of
+    /// this node is released after the first sync.
     #[arg(long)]
     pub kube: bool,
     /// A kubeconfig file instead of the in-cluster service account (implies --kube).
@@ -97,4 +99,84 @@ impl KubeArgs {
 /// the last handle is dropped.
 pub async fn start(cfg: KubeConfig, agent: Agent) -> anyhow::Result<Arc<KubeWatch>> {
     KubeWatch::start(cfg, Some(agent)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        kube: KubeArgs,
+    }
+
+    fn config(args: &[&str]) -> anyhow::Result<Option<KubeConfig>> {
+        let cli = Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))?;
+        cli.kube.config(false)
+    }
+
+    #[test]
+    fn off_unless_asked() {
+        assert!(config(&[]).unwrap().is_none());
+        assert!(config(&["--node-name", "n1"]).unwrap().is_none());
+    }
+
+    #[test]
+    fn defaults_and_lists() {
+        let c = config(&["--kube", "--node-name", "n1"]).unwrap().unwrap();
+        assert_eq!(c.node_name, "n1");
+        assert_eq!(c.kubeconfig, None);
+        assert_eq!(c.proc_root, PathBuf::from("/proc"));
+        assert_eq!(
+            c.select.excluded_namespaces,
+            ["kube-system".to_string()].into()
+        );
+        assert_eq!(
+            c.select.own_pod_labels,
+            vec![
+                ("app".to_string(), "redirect-agent".to_string()),
+                ("app".to_string(), "ztunnel".to_string())
+            ]
+        );
+        let c = config(&[
+            "--kubeconfig",
+            "/k",
+            "--node-name",
+            "n1",
+            "--excluded-namespaces",
+            "kube-system,infra",
+            "--own-pod-labels",
+            "k8s-app=agent",
+            "--proc-root",
+            "/host/proc",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.kubeconfig, Some(PathBuf::from("/k")));
+        assert_eq!(
+            c.select.excluded_namespaces,
+            ["kube-system".to_string(), "infra".to_string()].into()
+        );
+        assert_eq!(
+            c.select.own_pod_labels,
+            vec![("k8s-app".to_string(), "agent".to_string())]
+        );
+        assert_eq!(c.proc_root, PathBuf::from("/host/proc"));
+    }
+
+    #[test]
+    fn bad_input_is_refused_clearly() {
+        // NODE_NAME is not set in the test environment: the flag is required.
+        if std::env::var_os("NODE_NAME").is_none() {
+            let e = config(&["--kube"]).unwrap_err().to_string();
+            assert!(e.contains("--node-name"), "{e}");
+        }
+        let e = config(&["--kube", "--node-name", "n", "--own-pod-labels", "app"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not key=value"), "{e}");
+    }
 }

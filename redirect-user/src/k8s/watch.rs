@@ -59,6 +59,9 @@ pub const REDIRECTION: &str = "ambient.istio.io/redirection";
 const TICK: Duration = Duration::from_millis(500);
 /// A patch that did not show in the store is sent again after this long.
 const PATCH_AGAIN: Duration = Duration::from_secs(5);
+/// /proc is scanned again for the same missing pods at most this often (a pod whose
+/// namespace is not found would otherwise cost a full scan every tick).
+const SCAN_AGAIN: Duration = Duration::from_secs(2);
 
 /// What the watcher needs.
 #[derive(Debug, Clone)]
@@ -343,6 +346,8 @@ struct Reconciler {
     patched: BTreeMap<String, (Option<&'static str>, Instant)>,
     /// Last reason a wanted pod could not be enrolled (logged when it changes).
     not_found: BTreeMap<String, String>,
+    /// The pods the last /proc scan looked for, and when.
+    last_scan: Option<(BTreeSet<String>, Instant)>,
 }
 
 impl Reconciler {
@@ -352,6 +357,7 @@ impl Reconciler {
             agent,
             patched: BTreeMap::new(),
             not_found: BTreeMap::new(),
+            last_scan: None,
         }
     }
 
@@ -470,6 +476,13 @@ impl Reconciler {
             .iter()
             .filter_map(|(p, ips)| Some((p.metadata.uid.clone()?, ips.clone())))
             .collect();
+        if let Some((last, at)) = &self.last_scan
+            && *last == uids
+            && at.elapsed() < SCAN_AGAIN
+        {
+            return;
+        }
+        self.last_scan = Some((uids.clone(), Instant::now()));
         let found = tokio::task::spawn_blocking(move || {
             let scan = procfs::scan(&root, &uids)?;
             Ok::<_, std::io::Error>(
