@@ -123,6 +123,15 @@ impl Cluster {
     /// `redirect-user <cmd> …` in Kubernetes mode (`run --bare-relay` or `node-agent`);
     /// returns once its first sync is done.
     fn start_agent(&mut self, cmd: &str) {
+        self.spawn_agent(cmd);
+        let log = self.log();
+        wait_for("the agent's first sync", 15, || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("k8s: first sync done"))
+        });
+    }
+
+    /// Like `start_agent`, returning once its control socket answers.
+    fn spawn_agent(&mut self, cmd: &str) {
         let kubeconfig = self.api.kubeconfig();
         let mut args = vec![
             cmd,
@@ -145,9 +154,8 @@ impl Cluster {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.agent = Some(Proc::spawn_in(&self.agent_cg.path, &args, &self.log()));
-        let log = self.log();
-        wait_for("the agent's first sync", 15, || {
-            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("k8s: first sync done"))
+        wait_for("the agent's control socket", 15, || {
+            cli(&["status", "--json", "--state-dir", self.d()]).is_ok()
         });
     }
 
@@ -629,6 +637,41 @@ fn dropped_watches_expired_versions_and_outages_release_nothing_wrongly() {
     let log = k.agent_log();
     assert!(log.contains("k8s: watch failed"), "{log}");
     assert!(log.contains("k8s: listed again"), "{log}");
+}
+
+#[test]
+fn a_restarted_agent_keeps_its_pods_until_the_api_has_synced() {
+    let mut k = Cluster::new("k8srestart", &[("a", 10), ("b", 11)]);
+    k.api.put_namespace("app", json!({AMBIENT: "ambient"}));
+    let (ua, ub) = (uid(), uid());
+    k.running_pod("a", "app", &ua, json!({}));
+    k.running_pod("b", "app", &ub, json!({}));
+    k.start_agent("run");
+    k.wait_state("a ready", &ua, Some("ready"));
+    k.wait_state("b ready", &ub, Some("ready"));
+    let netns_a = k.pods()[&ua]["spec"]["netns"].clone();
+
+    // The agent dies; meanwhile b is deleted and the API becomes unreachable.
+    k.agent.as_mut().unwrap().signal(libc::SIGKILL);
+    k.api.delete_pod("app", "b");
+    k.api.set_down(true);
+    // The new agent takes its pods back from its state file and, without a synced
+    // view of the API, releases none of them.
+    k.spawn_agent("run");
+    k.wait_state("a ready again", &ua, Some("ready"));
+    holds_for("both pods kept while the API is unreachable", 1500, || {
+        let p = k.pods();
+        p.contains_key(&ua) && p.contains_key(&ub)
+    });
+    assert!(!k.agent_log().contains("k8s: first sync done"));
+    assert!(k.through_proxy("a", &ua).unwrap());
+
+    // The API is back: b, deleted meanwhile, is released; a is kept as it was.
+    k.api.set_down(false);
+    k.wait_state("b released after the sync", &ub, None);
+    assert_eq!(k.state(&ua).as_deref(), Some("ready"));
+    assert_eq!(k.pods()[&ua]["spec"]["netns"], netns_a);
+    assert!(k.through_proxy("a", &ua).unwrap());
 }
 
 /// Membership as the CNI server asks it, against the fake API, in this process.
