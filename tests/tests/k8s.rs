@@ -46,6 +46,12 @@ struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.agent_log();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!("--- the agent's log (end) ---\n{}", tail.join("\n"));
+        }
         self.agent.take();
         self.proxy.take();
         for (mut c, cg) in self.procs.lock().unwrap().drain(..) {
@@ -632,8 +638,13 @@ fn dropped_watches_expired_versions_and_outages_release_nothing_wrongly() {
     assert_eq!(*left.lock().unwrap(), Vec::<String>::new(), "a left ready");
     assert_eq!(k.state(&ua).as_deref(), Some("ready"));
     assert!(k.through_proxy("a", &ua).unwrap());
-    // a's annotation was never taken away.
-    assert_eq!(k.annotation_patches("app", "a"), vec![s("enabled")]);
+    // a's annotation was never taken away (a `pending` may have come first, when its
+    // listeners were not found at the first look).
+    let a = k.annotation_patches("app", "a");
+    assert!(
+        !a.contains(&None) && a.last() == Some(&s("enabled")),
+        "{a:?}"
+    );
     let log = k.agent_log();
     assert!(log.contains("k8s: watch failed"), "{log}");
     assert!(log.contains("k8s: listed again"), "{log}");

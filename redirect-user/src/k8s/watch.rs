@@ -392,10 +392,18 @@ impl Reconciler {
         let pods = self.shared.pods.state();
         let mut wanted: BTreeMap<String, Arc<Pod>> = BTreeMap::new();
         let mut why_not: BTreeMap<String, String> = BTreeMap::new();
+        // Pods whose namespace the namespace watch has not shown yet (it may lag the
+        // pod watch): neither enrolled nor released until it has.
+        let mut undecided: BTreeSet<String> = BTreeSet::new();
         for p in &pods {
             let Some(uid) = p.metadata.uid.clone() else {
                 continue;
             };
+            let ns = p.metadata.namespace.as_deref().unwrap_or_default();
+            if self.shared.namespace(ns).is_none() {
+                undecided.insert(uid);
+                continue;
+            }
             match self.shared.select(p) {
                 Ok(()) => {
                     wanted.insert(uid, p.clone());
@@ -407,7 +415,10 @@ impl Reconciler {
         }
 
         for (uid, state) in &have {
-            if wanted.contains_key(uid) || matches!(state, PodState::Releasing(_)) {
+            if wanted.contains_key(uid)
+                || undecided.contains(uid)
+                || matches!(state, PodState::Releasing(_))
+            {
                 continue;
             }
             let why = why_not
@@ -437,7 +448,12 @@ impl Reconciler {
             .map(|p| (p.spec.uid, p.state))
             .collect();
         for p in &pods {
-            let Some(uid) = p.metadata.uid.as_deref() else {
+            let Some(uid) = p
+                .metadata
+                .uid
+                .as_deref()
+                .filter(|u| !undecided.contains(*u))
+            else {
                 continue;
             };
             let want = match (wanted.contains_key(uid), states.get(uid)) {
