@@ -62,6 +62,8 @@ pub struct AgentArgs {
     pub cni_install: bool,
     #[command(flatten)]
     pub cni: CniInstallArgs,
+    #[command(flatten)]
+    pub kube: crate::k8s::KubeArgs,
 }
 
 /// Where the CNI plugin goes on the node.
@@ -120,9 +122,13 @@ impl AgentArgs {
             .unwrap_or_else(|| self.state_dir.join(cni::SOCKET_NAME))
     }
 
-    /// Which pods the plugin's requests enrol, without a cluster: `--mesh-namespaces`.
-    fn static_membership(&self) -> Arc<dyn Membership> {
-        Arc::new(StaticMembership::new(self.mesh_namespaces.clone()))
+    /// Which pods the plugin's requests enrol: the cluster's answer in Kubernetes mode,
+    /// else `--mesh-namespaces`.
+    fn membership(&self, kube: &Option<Arc<crate::k8s::KubeWatch>>) -> Arc<dyn Membership> {
+        match kube {
+            Some(k) => k.clone(),
+            None => Arc::new(StaticMembership::new(self.mesh_namespaces.clone())),
+        }
     }
 
     /// The plugin socket (answering from `membership`) and, with `--cni-install`, the
@@ -290,6 +296,7 @@ pub async fn run(agent: AgentArgs, mut proxy: ProxyArgs) -> Result<()> {
         agent.identity(ProxyIdentity::OwnCgroup),
     )?);
     let a = Agent::new(engine, &agent.state_dir)?;
+    let kube = start_kube(&agent, &a, proxy.dns).await?;
     let proxy_cfg = ProxyConfig {
         socket: agent.socket.clone(),
         dns: proxy.dns,
@@ -301,7 +308,7 @@ pub async fn run(agent: AgentArgs, mut proxy: ProxyArgs) -> Result<()> {
     tokio::select! {
         r = a.serve(&agent.socket) => r.map_err(Into::into),
         r = control::serve(a.clone(), &control_sock) => r.context("control socket"),
-        r = agent.serve_cni(a.clone(), agent.static_membership()) => r.context("CNI plugin socket"),
+        r = agent.serve_cni(a.clone(), agent.membership(&kube)) => r.context("CNI plugin socket"),
         () = drain_on_shutdown(proxy.drain_secs) => {
             proxy_task.abort();
             Ok(())
@@ -317,12 +324,27 @@ pub async fn node_agent(agent: AgentArgs) -> Result<()> {
         agent.identity(ProxyIdentity::Cgroups(Vec::new())),
     )?);
     let a = Agent::new(engine, &agent.state_dir)?;
+    // The proxy is another process: whether it opens DNS listeners is not known here.
+    let kube = start_kube(&agent, &a, false).await?;
     let control_sock = agent.state_dir.join("control.sock");
     tokio::select! {
         r = a.serve(&agent.socket) => r.map_err(Into::into),
         r = control::serve(a.clone(), &control_sock) => r.context("control socket"),
-        r = agent.serve_cni(a.clone(), agent.static_membership()) => r.context("CNI plugin socket"),
+        r = agent.serve_cni(a.clone(), agent.membership(&kube)) => r.context("CNI plugin socket"),
         () = shutdown() => Ok(()),
+    }
+}
+
+/// Kubernetes mode: the watch and its reconciler beside the agent (until the handle is
+/// dropped), or `None` when it is off.
+async fn start_kube(
+    args: &AgentArgs,
+    agent: &Agent,
+    dns_capture: bool,
+) -> Result<Option<Arc<crate::k8s::KubeWatch>>> {
+    match args.kube.config(dns_capture)? {
+        Some(cfg) => Ok(Some(crate::k8s::start(cfg, agent.clone()).await?)),
+        None => Ok(None),
     }
 }
 

@@ -4,6 +4,7 @@
 //! - [`netns`]: network namespace handles.
 //! - [`netlink`]: links, addresses, rules and routes inside a namespace.
 //! - [`proxy`]: the proxy's sockets in a pod and a plain TCP relay.
+//! - [`k8s`]: the pods of the mesh from the Kubernetes API (watch, /proc discovery).
 //! - [`membership`]: which pods belong to the mesh (the CNI plugin asks, the cluster answers).
 //! - [`cni`]: the chained CNI plugin, the agent's plugin socket, the CNI configuration.
 
@@ -13,6 +14,7 @@ pub mod cni;
 pub mod demo;
 pub mod demo_mesh;
 pub mod ebpf;
+pub mod k8s;
 pub mod membership;
 pub mod netlink;
 pub mod netns;
