@@ -356,7 +356,7 @@ impl Runtime {
     /// CNI configuration.
     pub fn start(tag: &str, cni: CniSetup) -> Result<Self> {
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-        let unique = format!("{:x}{:x}", std::process::id() & 0xffff, seq);
+        let unique = format!("{:x}-{:x}", std::process::id() & 0xffff, seq);
         let name = format!("{tag}-{unique}");
         let net = BridgeNet {
             network: name.clone(),
@@ -405,6 +405,7 @@ impl Runtime {
         for d in ["root", "state", "bin", "conf", "ipam", "pods"] {
             fs::create_dir_all(self.dir.join(d))?;
         }
+        self.create_bridge()?;
         for p in PRIMARY_PLUGINS {
             let src = Path::new(SYSTEM_CNI_BIN).join(p);
             if !src.exists() {
@@ -427,6 +428,31 @@ impl Runtime {
         self.write_conf(&self.primary_file(), &self.primary)?;
         fs::write(self.dir.join("config.toml"), self.config_toml())?;
         Ok(())
+    }
+
+    /// Creates the bridge before the plugin would, without duplicate address detection,
+    /// so its IPv6 gateway address is usable at once (the plugin keeps an existing
+    /// bridge).
+    fn create_bridge(&self) -> Result<()> {
+        let br = &self.net.bridge;
+        let ip = |args: &[&str]| -> Result<()> {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .context("cri: running ip (install iproute2)")?;
+            if !out.status.success() {
+                bail!(
+                    "cri: ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Ok(())
+        };
+        ip(&["link", "add", "name", br, "type", "bridge"])?;
+        fs::write(format!("/proc/sys/net/ipv6/conf/{br}/accept_dad"), "0")
+            .with_context(|| format!("cri: turning off DAD on {br}"))?;
+        ip(&["link", "set", br, "up"])
     }
 
     fn config_toml(&self) -> String {
@@ -831,14 +857,22 @@ disabled_plugins = [
                     .await
                     .map(|l| l.into_iter().map(|p| p.id).collect())
                     .unwrap_or_else(|_| BTreeSet::new());
-                for id in known.union(&listed) {
-                    if let Err(e) = deadline("StopPodSandbox", c.stop_pod_sandbox(id)).await {
-                        tracing::warn!("cri: stopping sandbox {id} at cleanup: {e:#}");
-                    }
-                    if let Err(e) = deadline("RemovePodSandbox", c.remove_pod_sandbox(id)).await {
-                        tracing::warn!("cri: removing sandbox {id} at cleanup: {e:#}");
-                    }
+                // All at once: each stop waits for its containers to end.
+                let mut all = tokio::task::JoinSet::new();
+                for id in known.into_iter().chain(listed).collect::<BTreeSet<_>>() {
+                    let c = c.clone();
+                    all.spawn(async move {
+                        if let Err(e) = deadline("StopPodSandbox", c.stop_pod_sandbox(&id)).await {
+                            tracing::warn!("cri: stopping sandbox {id} at cleanup: {e:#}");
+                        }
+                        if let Err(e) =
+                            deadline("RemovePodSandbox", c.remove_pod_sandbox(&id)).await
+                        {
+                            tracing::warn!("cri: removing sandbox {id} at cleanup: {e:#}");
+                        }
+                    });
                 }
+                all.join_all().await;
             });
         }
         if let Some(mut child) = self.containerd.take() {
@@ -847,9 +881,7 @@ disabled_plugins = [
         let fp = self.footprint();
         // Shims outlive containerd: each names containerd's socket in its arguments.
         let socket = self.socket().display().to_string();
-        for pid in
-            processes_with_arg(|a| a == socket || a.starts_with(&fp.dir.display().to_string()))
-        {
+        for pid in processes_with_arg(|a| a == socket || under(a, &fp.dir)) {
             kill(pid);
         }
         for pid in cgroup_processes(&self.name) {
@@ -1090,6 +1122,11 @@ fn shim_socket(address: &str, id: &str) -> PathBuf {
     Path::new(SHIM_SOCKETS).join(hex)
 }
 
+/// Whether the path `arg` is `dir` or below it.
+fn under(arg: &str, dir: &Path) -> bool {
+    Path::new(arg).starts_with(dir)
+}
+
 /// A dropped runtime's identifying traces.
 #[derive(Clone, Debug)]
 pub struct Footprint {
@@ -1106,7 +1143,7 @@ impl Footprint {
     pub fn leftovers(&self) -> Vec<String> {
         let mut left = Vec::new();
         let dir = self.dir.display().to_string();
-        for pid in processes_with_arg(|a| a.starts_with(&dir)) {
+        for pid in processes_with_arg(|a| under(a, &self.dir)) {
             let cmd = fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
                 .unwrap_or_default();
@@ -1152,7 +1189,7 @@ impl Footprint {
         let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         for l in info.lines() {
             if let Some(p) = l.split_whitespace().nth(4)
-                && p.starts_with(&dir)
+                && under(p, &self.dir)
             {
                 left.push(format!("mount {p}"));
             }
