@@ -331,7 +331,8 @@ impl Live {
 
 /// containerd with the CRI plugin, run from a temporary directory.
 pub struct Runtime {
-    rt: tokio::runtime::Runtime,
+    /// Taken only by Drop.
+    rt: Option<tokio::runtime::Runtime>,
     client: Option<RuntimeClient>,
     name: String,
     dir: PathBuf,
@@ -370,10 +371,12 @@ impl Runtime {
         let dir = std::env::temp_dir().join(format!("cri-{unique}"));
         LIVE.lock().unwrap_or_else(|e| e.into_inner()).enter();
         let mut r = Self {
-            rt: tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?,
+            rt: Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()?,
+            ),
             client: None,
             name,
             dir,
@@ -542,7 +545,7 @@ disabled_plugins = [
         loop {
             self.check_alive()?;
             if socket.exists() {
-                let attempt = self.rt.block_on(async {
+                let attempt = self.block_on(async {
                     let c = RuntimeClient::connect(socket.clone())
                         .await
                         .map_err(|e| anyhow!("{e}"))?;
@@ -575,7 +578,7 @@ disabled_plugins = [
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let c = self.client()?;
-            let known = self.rt.block_on(async {
+            let known = self.block_on(async {
                 Ok::<_, tonic::Status>(
                     c.has_image(PAUSE_IMAGE).await? && c.has_image(APP_IMAGE).await?,
                 )
@@ -598,7 +601,6 @@ disabled_plugins = [
         let c = self.client()?;
         loop {
             let resp = self
-                .rt
                 .block_on(c.status(true))
                 .map_err(|s| anyhow!("cri: Status: {}", s.message()))?;
             let cfg = resp.info.get("cniconfig").cloned().unwrap_or_default();
@@ -609,6 +611,21 @@ disabled_plugins = [
                 bail!("cri: CNI configuration not loaded in 30 s; containerd has: {cfg}");
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `f` to completion on the fixture's runtime, from a thread of its own when
+    /// the caller is inside an async runtime already (an async test, a drop there).
+    fn block_on<F: Future + Send>(&self, f: F) -> F::Output
+    where
+        F::Output: Send,
+    {
+        let rt = self.rt.as_ref().expect("the runtime lives until drop");
+        if tokio::runtime::Handle::try_current().is_ok() {
+            std::thread::scope(|s| s.spawn(|| rt.block_on(f)).join())
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        } else {
+            rt.block_on(f)
         }
     }
 
@@ -709,7 +726,7 @@ disabled_plugins = [
     /// (CreateContainer + StartContainer). A failing ADD is an error holding the plugin's
     /// message.
     pub fn run_pod(&self, def: &PodDef) -> Result<Pod> {
-        self.rt.block_on(self.run_pod_async(def))
+        self.block_on(self.run_pod_async(def))
     }
 
     /// [`Runtime::run_pod`] for async callers.
@@ -788,8 +805,7 @@ disabled_plugins = [
     /// when a pod ends.
     pub fn stop_pod(&self, id: &str) -> Result<()> {
         let c = self.client()?;
-        self.rt
-            .block_on(deadline("StopPodSandbox", c.stop_pod_sandbox(id)))
+        self.block_on(deadline("StopPodSandbox", c.stop_pod_sandbox(id)))
             .with_context(|| format!("cri: StopPodSandbox {id}"))
     }
 
@@ -797,16 +813,14 @@ disabled_plugins = [
     pub fn remove_pod(&self, id: &str) -> Result<()> {
         self.stop_pod(id)?;
         let c = self.client()?;
-        self.rt
-            .block_on(deadline("RemovePodSandbox", c.remove_pod_sandbox(id)))
+        self.block_on(deadline("RemovePodSandbox", c.remove_pod_sandbox(id)))
             .with_context(|| format!("cri: RemovePodSandbox {id}"))
     }
 
     /// ListPodSandbox: every sandbox the runtime knows, ready or not.
     pub fn list_pods(&self) -> Result<Vec<api::PodSandbox>> {
         let c = self.client()?;
-        self.rt
-            .block_on(deadline("ListPodSandbox", c.list_pod_sandbox()))
+        self.block_on(deadline("ListPodSandbox", c.list_pod_sandbox()))
             .context("cri: ListPodSandbox")
     }
 
@@ -852,7 +866,7 @@ disabled_plugins = [
     fn cleanup(&mut self) {
         if let Some(c) = self.client.take() {
             let known: BTreeSet<String> = self.created.lock().unwrap().sandboxes.clone();
-            self.rt.block_on(async {
+            self.block_on(async {
                 let listed = deadline("ListPodSandbox", c.list_pod_sandbox())
                     .await
                     .map(|l| l.into_iter().map(|p| p.id).collect())
@@ -919,6 +933,10 @@ disabled_plugins = [
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.cleanup();
+        // Dropping a tokio runtime inside another one's context panics; this does not.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
 

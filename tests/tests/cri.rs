@@ -221,3 +221,22 @@ fn a_failing_chained_plugin_stops_the_pod_and_leaves_nothing() {
     assert!(!Path::new(add).exists(), "the netns {add} is gone");
     drop_and_check(rt);
 }
+
+/// From an async test (as a watch or agent test is), the fixture's calls and its drop
+/// work as they do from a plain one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fixture_serves_async_tests() {
+    let rt = Runtime::start("cri-d", CniSetup::bridge().ipv4_only()).expect("runtime");
+    let pod = rt
+        .run_pod_async(&PodDef::new("async").tcp_responder("app", PORT, "from-async"))
+        .await
+        .expect("pod");
+    let addr = SocketAddr::new(pod.ipv4().unwrap().into(), PORT);
+    let got = tokio::task::spawn_blocking(move || reply_from(addr, Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("reply");
+    assert_eq!(got.trim(), "from-async");
+    assert_eq!(rt.list_pods().unwrap().len(), 1);
+    drop_and_check(rt);
+}
