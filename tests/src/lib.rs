@@ -5,6 +5,7 @@
 
 pub mod capture;
 pub mod cluster;
+pub mod cri;
 pub mod fakeapi;
 pub mod raw;
 

@@ -21,6 +21,16 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     ("iptables-restore", "iptables"),
     ("ip6tables-restore", "iptables"),
+    // The container runtime fixture (tests/src/cri.rs): containerd with its CRI plugin,
+    // runc under its shims, the standard CNI plugins (Debian keeps them out of PATH),
+    // busybox-static for the app image and a static C toolchain for the pause image.
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("runc", "runc"),
+    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+    ("/bin/busybox", "busybox-static"),
+    ("gcc", "gcc"),
+    ("/usr/include/stdio.h", "libc6-dev"),
 ];
 
 /// The load tools of the mesh bench (`tests/benches/mesh.rs`). Optional: without them
@@ -46,7 +56,11 @@ fn nix_is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// `bin` is a program on PATH, or an absolute path that must exist.
 fn have(bin: &str) -> bool {
+    if bin.starts_with('/') {
+        return Path::new(bin).exists();
+    }
     Command::new("sh")
         .args(["-c", &format!("command -v {bin}")])
         .stdout(Stdio::null())
