@@ -181,7 +181,7 @@ fn the_cluster_role_grants_exactly_what_kubernetes_md_lists() {
     assert_eq!(Some(&subject.name), sa.name.as_ref());
     assert_eq!(subject.namespace, sa.namespace);
     for (file, ds) in &m.daemonsets {
-        let spec = (&ds.spec).template.spec.as_ref().unwrap();
+        let spec = ds.spec.template.spec.as_ref().unwrap();
         assert_eq!(spec.service_account_name, sa.name, "{file}");
         assert_eq!(ds.metadata.namespace, sa.namespace, "{file}");
     }
@@ -203,7 +203,7 @@ fn the_daemonsets_hold_least_privilege_and_what_a_node_agent_needs() {
     let m = manifests();
     for (file, ds) in &m.daemonsets {
         let agent_only = file.contains("agent-only");
-        let spec = (&ds.spec);
+        let spec = &ds.spec;
         let strategy = spec.update_strategy.as_ref().unwrap();
         assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"), "{file}");
         let pod = spec.template.spec.as_ref().unwrap();
