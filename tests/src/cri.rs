@@ -1132,12 +1132,8 @@ fn unmount_under(dir: &Path) {
 /// The shim's socket for task `id`: containerd 1.6 names it by the SHA-256 of
 /// `<containerd address>/<namespace>/<id>` under /run/containerd/s.
 fn shim_socket(address: &str, id: &str) -> PathBuf {
-    let d = ring::digest::digest(
-        &ring::digest::SHA256,
-        format!("{address}/k8s.io/{id}").as_bytes(),
-    );
-    let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    Path::new(SHIM_SOCKETS).join(hex)
+    let d = crate::oci::digest(format!("{address}/k8s.io/{id}").as_bytes());
+    Path::new(SHIM_SOCKETS).join(d.trim_start_matches("sha256:"))
 }
 
 /// Whether the path `arg` is `dir` or below it.

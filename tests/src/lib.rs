@@ -7,6 +7,9 @@ pub mod capture;
 pub mod cluster;
 pub mod cri;
 pub mod fakeapi;
+/// OCI image-layout archives, shared as source with `cargo xtask image`.
+#[path = "../../xtask/src/oci.rs"]
+pub mod oci;
 pub mod raw;
 
 use std::{

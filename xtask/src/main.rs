@@ -2,6 +2,8 @@
 //! (apt packages, the nightly rust-src component, bpf-linker, a bpffs mount) or stops
 //! with one line saying what is missing and how to get it.
 
+mod image;
+mod oci;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -37,6 +39,9 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Build the container image offline from the local build (no registry, no base
+    /// image): an OCI archive in target/image/ for `ctr images import`, `podman load`.
+    Image,
     /// Run every test: unit tests and the privileged integration tests.
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
@@ -94,6 +99,21 @@ fn run(cli: Cli) -> Result<()> {
             println!(
                 "xtask: results in {}",
                 workspace_root().join("target/bench").display()
+            );
+            Ok(())
+        }
+        Task::Image => {
+            setup::toolchain()?;
+            build_ebpf(true)?;
+            cargo(&["build", "--release", "-p", "redirect-user", "--bins"])?;
+            let (path, size) = image::build()?;
+            println!(
+                "xtask: image {} in {} ({:.1} MiB); load it with `ctr -n k8s.io images import {}` or `podman load -i {}`",
+                image::NAME,
+                path.display(),
+                size as f64 / (1024.0 * 1024.0),
+                path.display(),
+                path.display()
             );
             Ok(())
         }

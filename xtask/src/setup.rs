@@ -15,6 +15,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// iptables is not a dependency of the engine: the tests and the enrolment bench run
 /// the netfilter rule set it replaces, side by side with it.
 const APT_PACKAGES: &[(&str, &str)] = &[
+    ("ldd", "libc-bin"),
+    ("strip", "binutils"),
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("bpftool", "bpftool"),

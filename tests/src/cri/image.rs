@@ -3,7 +3,7 @@
 //! - `localhost/pause:1`: a static pause program compiled from the C below, and
 //! - `localhost/app:1`: busybox-static with links for its applets (`sh`, `nc`, `httpd`…).
 //!
-//! Layers are uncompressed, so each layer's diff_id is its blob digest.
+//! The archive is written by `crate::oci` (shared with `cargo xtask image`).
 
 use std::{
     io::Write,
@@ -12,8 +12,8 @@ use std::{
     sync::{Mutex, OnceLock},
 };
 
+use crate::oci::{self, Entry, Image, layer};
 use anyhow::{Context, Result, bail};
-use serde_json::json;
 
 pub const PAUSE_IMAGE: &str = "localhost/pause:1";
 pub const APP_IMAGE: &str = "localhost/app:1";
@@ -78,7 +78,7 @@ fn build_layout() -> Result<Vec<u8>> {
         );
     }
     let pause_layer = layer(&[
-        Entry::File("pause", &pause),
+        Entry::File("pause", &pause, 0o755),
         Entry::Dir("dev"),
         Entry::Dir("proc"),
         Entry::Dir("sys"),
@@ -86,7 +86,7 @@ fn build_layout() -> Result<Vec<u8>> {
     ])?;
     let mut app = vec![
         Entry::Dir("bin"),
-        Entry::File("bin/busybox", &busybox),
+        Entry::File("bin/busybox", &busybox, 0o755),
         Entry::Dir("dev"),
         Entry::Dir("proc"),
         Entry::Dir("sys"),
@@ -98,70 +98,16 @@ fn build_layout() -> Result<Vec<u8>> {
     let links: Vec<String> = APPLETS.iter().map(|a| format!("bin/{a}")).collect();
     app.extend(links.iter().map(|l| Entry::Link(l, "busybox")));
     let app_layer = layer(&app)?;
-
-    let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut manifests = Vec::new();
-    for (name, layer, entrypoint) in [
-        (PAUSE_IMAGE, pause_layer, json!(["/pause"])),
-        (APP_IMAGE, app_layer, json!(["/bin/sh"])),
-    ] {
-        let layer_digest = digest(&layer);
-        let config = serde_json::to_vec(&json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "config": { "Entrypoint": entrypoint, "Env": ["PATH=/bin"] },
-            "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
-        }))?;
-        let manifest = serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": digest(&config),
-                "size": config.len(),
-            },
-            "layers": [{
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                "digest": layer_digest,
-                "size": layer.len(),
-            }],
-        }))?;
-        manifests.push(json!({
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": digest(&manifest),
-            "size": manifest.len(),
-            "platform": { "architecture": "amd64", "os": "linux" },
-            "annotations": {
-                "io.containerd.image.name": name,
-                "org.opencontainers.image.ref.name": name.rsplit(':').next().unwrap(),
-            },
-        }));
-        blobs.extend([
-            (digest(&layer), layer),
-            (digest(&config), config),
-            (digest(&manifest), manifest),
-        ]);
-    }
-    let index = serde_json::to_vec(&json!({ "schemaVersion": 2, "manifests": manifests }))?;
-    let oci_layout = br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec();
-
-    let mut files = vec![
-        Entry::Dir("blobs"),
-        Entry::Dir("blobs/sha256"),
-        Entry::File("oci-layout", &oci_layout),
-        Entry::File("index.json", &index),
-    ];
-    let paths: Vec<String> = blobs
-        .iter()
-        .map(|(d, _)| format!("blobs/sha256/{}", d.trim_start_matches("sha256:")))
-        .collect();
-    files.extend(
-        paths
-            .iter()
-            .zip(&blobs)
-            .map(|(p, (_, data))| Entry::File(p, data)),
-    );
-    layer(&files)
+    let image = |name: &str, layer, entrypoint: &str| Image {
+        name: name.into(),
+        layer,
+        entrypoint: vec![entrypoint.into()],
+        env: vec!["PATH=/bin".into()],
+    };
+    Ok(oci::layout_tar(&[
+        image(PAUSE_IMAGE, pause_layer, "/pause"),
+        image(APP_IMAGE, app_layer, "/bin/sh"),
+    ])?)
 }
 
 /// Compiles the pause program with `gcc -static` in a directory of its own.
@@ -205,52 +151,6 @@ fn is_static_elf(bin: &[u8]) -> bool {
     })
 }
 
-enum Entry<'a> {
-    Dir(&'a str),
-    File(&'a str, &'a [u8]),
-    /// A symbolic link at the first path to the second.
-    Link(&'a str, &'a str),
-}
-
-/// An uncompressed tar of `entries`, owned by root, with fixed times (so equal input
-/// gives an equal digest).
-fn layer(entries: &[Entry]) -> Result<Vec<u8>> {
-    let mut b = tar::Builder::new(Vec::new());
-    for e in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        match e {
-            Entry::Dir(p) => {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_mode(0o755);
-                h.set_size(0);
-                b.append_data(&mut h, p, std::io::empty())?;
-            }
-            Entry::File(p, data) => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_mode(0o755);
-                h.set_size(data.len() as u64);
-                b.append_data(&mut h, p, *data)?;
-            }
-            Entry::Link(p, target) => {
-                h.set_entry_type(tar::EntryType::Symlink);
-                h.set_mode(0o777);
-                h.set_size(0);
-                b.append_link(&mut h, p, target)?;
-            }
-        }
-    }
-    Ok(b.into_inner()?)
-}
-
-fn digest(data: &[u8]) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, data);
-    let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
-}
-
 /// Writes the layout tar into `dir` and imports it into the containerd at `socket`,
 /// in the CRI's namespace.
 pub fn import(socket: &Path, dir: &Path) -> Result<()> {
@@ -284,13 +184,5 @@ mod tests {
         let sh = std::fs::read("/bin/sh").unwrap();
         assert!(!is_static_elf(&sh), "/bin/sh is dynamic on Debian");
         assert!(!is_static_elf(b"#!/bin/sh\n"));
-    }
-
-    #[test]
-    fn digests_are_sha256_in_hex() {
-        assert_eq!(
-            digest(b""),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
     }
 }
