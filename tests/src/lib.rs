@@ -83,7 +83,14 @@ impl Mesh {
         ));
         let mut config = EngineConfig::at(&pin_dir);
         cfg(&mut config);
-        let engine = Engine::open(config).context("opening the engine")?;
+        let engine = match Engine::open(config) {
+            Ok(e) => e,
+            Err(e) => {
+                // What it pinned before failing goes with it.
+                let _ = std::fs::remove_dir_all(&pin_dir);
+                return Err(e).context("opening the engine");
+            }
+        };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
