@@ -19,6 +19,12 @@ use crate::{
     k8s::KubeWatch,
 };
 
+/// Label pairs of one sample.
+type Labels = Vec<(&'static str, String)>;
+
+/// One family being built: name, help, samples.
+type Family = (String, &'static str, Vec<(Labels, u64)>);
+
 /// The engine's counters by metric: (name, help, label, [(label value, value)]).
 type Rows = [(
     &'static str,
@@ -102,7 +108,7 @@ fn counter(
     e: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    rows: &[(Vec<(&'static str, String)>, u64)],
+    rows: &[(Labels, u64)],
 ) -> Result<(), std::fmt::Error> {
     let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
     for (labels, v) in rows {
@@ -115,7 +121,7 @@ fn gauge(
     e: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    rows: &[(Vec<(&'static str, String)>, i64)],
+    rows: &[(Labels, i64)],
 ) -> Result<(), std::fmt::Error> {
     let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
     for (labels, v) in rows {
@@ -130,8 +136,7 @@ impl Collector for StateCollector {
             let report = control::report(agent);
             let pods = report.pods.unwrap_or_default();
             // Per pod, three families labelled pod and namespace.
-            let mut families: Vec<(String, &str, Vec<(Vec<(&'static str, String)>, u64)>)> =
-                Vec::new();
+            let mut families: Vec<Family> = Vec::new();
             for p in &pods {
                 let Some(c) = &p.counters else { continue };
                 for (i, (name, help, key, values)) in counter_rows(c).into_iter().enumerate() {
