@@ -559,3 +559,99 @@ fn the_agent_is_ready_only_while_a_proxy_is_connected() {
         get(admin, "/readyz").is_some_and(|(c, _)| c == 200)
     });
 }
+
+#[test]
+fn mesh_connections_carry_both_identities_in_upstream_labels() {
+    let mut n = Node::new("admh");
+    let metrics = free_port();
+    let (d, sock, pin) = (n.d().to_string(), n.sock(), n.pin.clone());
+    let metrics_s = format!("127.0.0.1:{metrics}");
+    // The HBONE data path (mutual TLS between the pods' identities), no bare relay.
+    n.spawn(
+        "run",
+        &[
+            "run",
+            "--drain-secs",
+            "0",
+            "--socket",
+            &sock,
+            "--state-dir",
+            &d,
+            "--pin-dir",
+            &pin,
+            "--admin-addr",
+            "off",
+            "--metrics-addr",
+            &metrics_s,
+        ],
+    );
+    wait_for("ready", 15, || {
+        get(metrics, "/readyz").is_some_and(|(s, _)| s == 200)
+    });
+    for pod in ["a", "b"] {
+        let (netns, uid, sa) = (
+            n.topo.host(pod).path(),
+            format!("uid-{pod}"),
+            format!("sa-{pod}"),
+        );
+        cli(&[
+            "pod",
+            "add",
+            "--state-dir",
+            &d,
+            "--netns",
+            &netns,
+            "--uid",
+            &uid,
+            "--name",
+            pod,
+            "--namespace",
+            "default",
+            "--service-account",
+            &sa,
+        ])
+        .unwrap();
+    }
+    wait_for("pods ready", 10, || n.ready("uid-a") && n.ready("uid-b"));
+    for _ in 0..3 {
+        assert!(n.ask("a", "b").starts_with("b from "));
+    }
+    let s = parse(&get(metrics, "/metrics").unwrap().1);
+    let (ida, idb) = (
+        "spiffe://cluster.local/ns/default/sa/sa-a",
+        "spiffe://cluster.local/ns/default/sa/sa-b",
+    );
+    let mtls = ("connection_security_policy", "mutual_tls");
+    let out = sum(
+        &s,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "source"),
+            ("source_workload", "a"),
+            ("source_principal", ida),
+            ("destination_workload", "b"),
+            ("destination_workload_namespace", "default"),
+            ("destination_principal", idb),
+            mtls,
+        ],
+    );
+    assert!(out >= 3.0, "outbound tunnelled connections of a: {out}");
+    let inb = sum(
+        &s,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", ida),
+            ("source_workload_namespace", "default"),
+            ("destination_workload", "b"),
+            ("destination_principal", idb),
+            mtls,
+        ],
+    );
+    assert!(inb >= 3.0, "inbound tunnel streams of b: {inb}");
+    assert_eq!(
+        sum(&s, "istio_tcp_connections_failed_total", &[]),
+        0.0,
+        "no failed connection"
+    );
+}
