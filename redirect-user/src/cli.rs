@@ -1,12 +1,16 @@
 //! The commands of `redirect-user`. `main.rs` only parses and dispatches.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::PathBuf,
+    sync::{Arc, atomic::AtomicBool},
+};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use tracing::info;
 
 use crate::{
+    admin::{self, Admin, Listen, Parts},
     agent::{
         Agent, PodSpec,
         control::{self, ControlRequest},
@@ -17,6 +21,7 @@ use crate::{
     proxy::{
         identity::{CertSource, DEFAULT_TRUST_DOMAIN, FileCerts, LocalCa, Tls},
         mesh::{DefaultTransport, Mesh},
+        metrics::ProxyMetrics,
         registry::Registry,
     },
     zds::proxy::{InpodProxy, ProxyConfig},
@@ -64,6 +69,42 @@ pub struct AgentArgs {
     pub cni: CniInstallArgs,
     #[command(flatten)]
     pub kube: crate::k8s::KubeArgs,
+    #[command(flatten)]
+    pub admin: AgentAdminArgs,
+}
+
+/// The agent's HTTP endpoints (`run` and `node-agent`).
+#[derive(Debug, Clone, Args)]
+pub struct AgentAdminArgs {
+    /// Readiness (/readyz), liveness (/healthz, /livez) and the pod dump (/debug/pods,
+    /// answered to loopback peers only), as upstream's agent readiness port. `off`: none.
+    #[arg(long, default_value = "0.0.0.0:8000")]
+    pub admin_addr: Listen,
+    /// Prometheus metrics (/metrics) of the agent and the engine, and of the proxy under
+    /// `run` (one listener for both), plus the probes. `off`: none.
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    pub metrics_addr: Listen,
+}
+
+/// The proxy's HTTP endpoints (`proxy`), on upstream's proxy ports.
+#[derive(Debug, Clone, Args)]
+pub struct ProxyAdminArgs {
+    /// Readiness (/healthz/ready, /readyz) and liveness (/healthz, /livez). `off`: none.
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub admin_addr: Listen,
+    /// Prometheus metrics (/metrics) of the proxy. `off`: none.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: Listen,
+}
+
+impl ProxyAdminArgs {
+    /// No endpoints (the proxy inside `run`, whose agent serves them).
+    pub fn off() -> Self {
+        Self {
+            admin_addr: Listen::Off,
+            metrics_addr: Listen::Off,
+        }
+    }
 }
 
 /// Where the CNI plugin goes on the node.
@@ -133,7 +174,12 @@ impl AgentArgs {
 
     /// The plugin socket (answering from `membership`) and, with `--cni-install`, the
     /// installation and its watch. Runs until dropped.
-    async fn serve_cni(&self, agent: Agent, membership: Arc<dyn Membership>) -> Result<()> {
+    async fn serve_cni(
+        &self,
+        agent: Agent,
+        membership: Arc<dyn Membership>,
+        installed: Option<Arc<AtomicBool>>,
+    ) -> Result<()> {
         let socket = self.cni_socket();
         let install = if self.cni_install {
             Some(self.cni.config(socket.clone())?)
@@ -141,9 +187,10 @@ impl AgentArgs {
             None
         };
         let watch = async move {
-            match install {
-                Some(cfg) => cni::install::watch(cfg).await,
-                None => std::future::pending().await,
+            match (install, installed) {
+                (Some(cfg), Some(flag)) => cni::install::watch_reporting(cfg, &flag).await,
+                (Some(cfg), None) => cni::install::watch(cfg).await,
+                (None, _) => std::future::pending().await,
             }
         };
         tokio::select! {
@@ -176,6 +223,8 @@ pub struct ProxyArgs {
     pub drain_secs: u64,
     #[command(flatten)]
     pub mesh: MeshArgs,
+    #[command(flatten)]
+    pub admin: ProxyAdminArgs,
 }
 
 /// The proxy's data path: HBONE (mutual TLS, HTTP/2 CONNECT) by default.
@@ -304,11 +353,24 @@ pub async fn run(agent: AgentArgs, mut proxy: ProxyArgs) -> Result<()> {
         mesh: proxy.mesh.build()?,
     };
     let control_sock = agent.state_dir.join("control.sock");
-    let proxy_task = tokio::spawn(InpodProxy::new(proxy_cfg).run());
+    let proxy_metrics = ProxyMetrics::new();
+    let proxy_task = tokio::spawn(
+        InpodProxy::new(proxy_cfg)
+            .with_metrics(proxy_metrics.clone())
+            .run(),
+    );
+    let cni_installed = agent.cni_install.then(|| Arc::new(AtomicBool::new(false)));
+    let admin = Admin::new(Parts {
+        agent: Some(a.clone()),
+        kube: kube.clone(),
+        cni_installed: cni_installed.clone(),
+        proxy: Some(proxy_metrics),
+    });
     tokio::select! {
         r = a.serve(&agent.socket) => r.map_err(Into::into),
         r = control::serve(a.clone(), &control_sock) => r.context("control socket"),
-        r = agent.serve_cni(a.clone(), agent.membership(&kube)) => r.context("CNI plugin socket"),
+        r = agent.serve_cni(a.clone(), agent.membership(&kube), cni_installed) => r.context("CNI plugin socket"),
+        r = admin::serve_both(admin, agent.admin.admin_addr, agent.admin.metrics_addr) => r.context("admin endpoints"),
         () = drain_on_shutdown(proxy.drain_secs) => {
             proxy_task.abort();
             Ok(())
@@ -327,10 +389,18 @@ pub async fn node_agent(agent: AgentArgs) -> Result<()> {
     // The proxy is another process: whether it opens DNS listeners is not known here.
     let kube = start_kube(&agent, &a, false).await?;
     let control_sock = agent.state_dir.join("control.sock");
+    let cni_installed = agent.cni_install.then(|| Arc::new(AtomicBool::new(false)));
+    let admin = Admin::new(Parts {
+        agent: Some(a.clone()),
+        kube: kube.clone(),
+        cni_installed: cni_installed.clone(),
+        proxy: None,
+    });
     tokio::select! {
         r = a.serve(&agent.socket) => r.map_err(Into::into),
         r = control::serve(a.clone(), &control_sock) => r.context("control socket"),
-        r = agent.serve_cni(a.clone(), agent.membership(&kube)) => r.context("CNI plugin socket"),
+        r = agent.serve_cni(a.clone(), agent.membership(&kube), cni_installed) => r.context("CNI plugin socket"),
+        r = admin::serve_both(admin, agent.admin.admin_addr, agent.admin.metrics_addr) => r.context("admin endpoints"),
         () = shutdown() => Ok(()),
     }
 }
@@ -356,10 +426,18 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
         dns: args.dns,
         events: None,
     };
-    let task = tokio::spawn(InpodProxy::new(cfg).run());
-    drain_on_shutdown(args.drain_secs).await;
+    let metrics = ProxyMetrics::new();
+    let task = tokio::spawn(InpodProxy::new(cfg).with_metrics(metrics.clone()).run());
+    let admin = Admin::new(Parts {
+        proxy: Some(metrics),
+        ..Parts::default()
+    });
+    let r = tokio::select! {
+        r = admin::serve_both(admin, args.admin.admin_addr, args.admin.metrics_addr) => r.context("admin endpoints"),
+        () = drain_on_shutdown(args.drain_secs) => Ok(()),
+    };
     task.abort();
-    Ok(())
+    r
 }
 
 /// Waits for SIGTERM or SIGINT, then for the drain period, while everything else in

@@ -1,5 +1,6 @@
 //! The eBPF traffic redirection engine for ambient meshes, and what is built on it.
 //!
+//! - [`admin`]: metrics, readiness, liveness and the admin dump over HTTP.
 //! - [`ebpf`]: loads the programs once, pins the maps, enrols and un-enrols pods.
 //! - [`netns`]: network namespace handles.
 //! - [`netlink`]: links, addresses, rules and routes inside a namespace.
@@ -8,6 +9,7 @@
 //! - [`membership`]: which pods belong to the mesh (the CNI plugin asks, the cluster answers).
 //! - [`cni`]: the chained CNI plugin, the agent's plugin socket, the CNI configuration.
 
+pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod cni;

@@ -108,6 +108,7 @@ fn main() -> Result<()> {
                     dns,
                     drain_secs,
                     mesh,
+                    admin: cli::ProxyAdminArgs::off(),
                 },
             ))
         }

@@ -139,8 +139,9 @@ async fn handle(agent: &Agent, req: ControlRequest) -> ControlResponse {
     }
 }
 
-/// Every pod with what the engine holds for it.
-fn report(agent: &Agent) -> ControlResponse {
+/// Every pod with what the engine holds for it: what `status` prints, `/debug/pods`
+/// serves and the per-pod metrics are made of. Blocking (the engine's lock).
+pub fn report(agent: &Agent) -> ControlResponse {
     let engine = agent.engine();
     let enrolled = engine.pods();
     let pods = agent

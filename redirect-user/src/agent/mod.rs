@@ -18,6 +18,7 @@
 
 pub mod control;
 pub mod discover;
+pub mod metrics;
 pub mod peer;
 
 use std::{
@@ -183,6 +184,7 @@ struct Inner {
     /// Connected proxies, newest last.
     conns: Mutex<Vec<Conn>>,
     next_conn: AtomicU64,
+    metrics: metrics::AgentMetrics,
 }
 
 #[derive(Clone)]
@@ -208,6 +210,7 @@ impl Agent {
                 pods: Mutex::new(BTreeMap::new()),
                 conns: Mutex::new(Vec::new()),
                 next_conn: AtomicU64::new(1),
+                metrics: metrics::AgentMetrics::default(),
             }),
         };
         let saved: Vec<SavedPod> = match std::fs::read(&state_file) {
@@ -292,6 +295,11 @@ impl Agent {
         &self.inner.engine
     }
 
+    /// What the agent counts (enrolment durations, CNI requests).
+    pub fn metrics(&self) -> &metrics::AgentMetrics {
+        &self.inner.metrics
+    }
+
     /// Enrols a pod with the engine and records it. Blocking: call it off the runtime.
     fn enrol_locally(&self, spec: PodSpec, netns: Netns) -> Result<(), AgentError> {
         let options = PodOptions {
@@ -299,9 +307,14 @@ impl Agent {
             interfaces: None,
         };
         let _lifecycle = self.inner.lifecycle.lock().unwrap();
+        let start = std::time::Instant::now();
         self.inner
             .engine
             .enrol(&spec.uid, &netns, &options, &PodSockets::default())?;
+        self.inner
+            .metrics
+            .enrol_seconds
+            .observe(start.elapsed().as_secs_f64());
         let uid = spec.uid.clone();
         self.inner.pods.lock().unwrap().insert(
             uid,

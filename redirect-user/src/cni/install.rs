@@ -260,6 +260,12 @@ pub fn uninstall(conf_dir: &Path, bin_dir: &Path) -> Result<(), InstallError> {
 /// panicked). Logs each change of state once ("cni: configuration written",
 /// "cni: no primary CNI configuration yet").
 pub async fn watch(cfg: InstallConfig) {
+    watch_reporting(cfg, &std::sync::atomic::AtomicBool::new(false)).await
+}
+
+/// [`watch`], setting `in_place` after each pass: whether the binary and our
+/// configuration are in place (the readiness and metrics read it).
+pub async fn watch_reporting(cfg: InstallConfig, in_place: &std::sync::atomic::AtomicBool) {
     info!(
         conf_dir = %cfg.conf_dir.display(),
         bin_dir = %cfg.bin_dir.display(),
@@ -287,6 +293,7 @@ pub async fn watch(cfg: InstallConfig) {
             }
         };
         installer = Some(inst);
+        in_place.store(r.is_ok(), std::sync::atomic::Ordering::Relaxed);
         let now = match &r {
             Ok(Pass::Unchanged { primary }) => format!("ok {primary}"),
             Ok(Pass::Written { .. }) => "written".into(),

@@ -85,6 +85,7 @@ pub async fn serve(
             let r = match slot {
                 Ok(_slot) => session(&agent, membership.as_ref(), stream).await,
                 Err(_) => {
+                    agent.metrics().cni_request("busy");
                     warn!(
                         max = MAX_CONCURRENT,
                         "cni: too many requests at once, refusing one"
@@ -134,11 +135,23 @@ async fn session(
             return Ok(());
         }
         let (answer, fatal) = if n > MAX_LINE || !line.ends_with('\n') {
+            agent.metrics().cni_request("bad_request");
             (refused("bad request: line too long or unterminated"), true)
         } else {
             match serde_json::from_str::<PluginRequest>(&line) {
-                Ok(PluginRequest::Add { pod }) => (add(agent, membership, pod).await, false),
-                Err(e) => (refused(format!("bad request: {e}")), true),
+                Ok(PluginRequest::Add { pod }) => {
+                    let answer = add(agent, membership, pod).await;
+                    agent.metrics().cni_request(match &answer {
+                        PluginResponse::Enrolled { .. } => "enrolled",
+                        PluginResponse::NotInMesh { .. } => "not_in_mesh",
+                        PluginResponse::Refused { .. } => "refused",
+                    });
+                    (answer, false)
+                }
+                Err(e) => {
+                    agent.metrics().cni_request("bad_request");
+                    (refused(format!("bad request: {e}")), true)
+                }
             }
         };
         if fatal {

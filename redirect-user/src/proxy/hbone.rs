@@ -581,6 +581,11 @@ pub trait Inbound: Send + Sync + 'static {
     fn tasks(&self) -> Option<&PodTasks> {
         None
     }
+    /// Counts one inbound stream whose app connection is up (closed when dropped);
+    /// `None`: not counted.
+    fn track(&self, _peer: Option<&Identity>) -> Option<super::metrics::Tracked> {
+        None
+    }
 }
 
 /// Runs `f` as a task of the pod, or a plain task; `false` once the pod is draining.
@@ -733,7 +738,11 @@ async fn stream<I: Inbound>(
         }
     };
     let mut io = H2Io::new(send, req.into_body(), None);
-    if let Err(e) = pipe(&mut io, &mut app).await {
+    let piped = match inbound.track(peer_id) {
+        Some(t) => pipe(&mut io, &mut t.app_side(&mut app)).await,
+        None => pipe(&mut io, &mut app).await,
+    };
+    if let Err(e) = piped {
         debug!(pod = inbound.pod(), %target, error = %e, "hbone: inbound stream ended with an error");
     }
 }

@@ -18,6 +18,7 @@ use super::{
     drain::PodTasks,
     hbone::{self, Outbound, Pool, Refusal},
     identity::{Identity, Tls},
+    metrics::{Peer, PodMetrics, Security, Tracked},
     outbound_socket,
     quic::{PodEndpoint, QuicTransport},
     registry::{Decision, Protocol, Registry, SourcePeer, Transport, Workload},
@@ -88,6 +89,16 @@ impl Mesh {
     /// Registers an enrolled pod and returns its mesh side (its QUIC endpoint serving).
     /// Call inside a tokio runtime. The registry entry stays until [`Mesh::forget`].
     pub fn pod(self: &Arc<Self>, workload: Workload, netns: Netns) -> io::Result<Arc<PodMesh>> {
+        self.pod_with_metrics(workload, netns, None)
+    }
+
+    /// [`Mesh::pod`], counting the pod's inbound tunnel streams in `metrics`.
+    pub fn pod_with_metrics(
+        self: &Arc<Self>,
+        workload: Workload,
+        netns: Netns,
+        metrics: Option<Arc<PodMetrics>>,
+    ) -> io::Result<Arc<PodMesh>> {
         let identity = self.identity_of(&workload);
         let server = self.tls.server_config(&identity, super::identity::ALPN_H2);
         let quic = PodEndpoint::open(&netns, &self.tls, &identity)?;
@@ -102,6 +113,7 @@ impl Mesh {
             server,
             quic,
             tasks: PodTasks::new(),
+            metrics,
         });
         pod.quic.serve(Arc::downgrade(&pod));
         Ok(pod)
@@ -124,6 +136,7 @@ pub struct PodMesh {
     quic: PodEndpoint,
     /// Every connection and stream served for the pod (its relay's too).
     tasks: PodTasks,
+    metrics: Option<Arc<PodMetrics>>,
 }
 
 /// The pod is gone (its relay drained, its tasks ended): the pooled tunnels that
@@ -164,9 +177,20 @@ impl PodMesh {
     /// is a mesh workload, passed through otherwise.
     pub async fn outbound(
         &self,
+        app: TcpStream,
+        client: SocketAddr,
+        target: SocketAddr,
+    ) -> io::Result<()> {
+        self.outbound_counted(app, client, target, None).await
+    }
+
+    /// [`PodMesh::outbound`], counting the connection in `metrics`.
+    pub async fn outbound_counted(
+        &self,
         mut app: TcpStream,
         client: SocketAddr,
         target: SocketAddr,
+        metrics: Option<&PodMetrics>,
     ) -> io::Result<()> {
         let Some(dst) = self
             .mesh
@@ -174,13 +198,30 @@ impl PodMesh {
             .by_ip(target.ip())
             .filter(|w| w.protocol == Protocol::Hbone)
         else {
-            let mut up = outbound_socket(&self.netns, target, None)?
-                .connect(target)
-                .await?;
-            hbone::pipe(&mut app, &mut up).await?;
+            let tracked = metrics.map(|m| m.outbound(&Peer::unknown(), None, Security::Unknown));
+            let up = match outbound_socket(&self.netns, target, None) {
+                Ok(s) => s.connect(target).await,
+                Err(e) => Err(e),
+            };
+            let mut up = up.inspect_err(|_| {
+                if let Some(t) = &tracked {
+                    t.failed();
+                }
+            })?;
+            match &tracked {
+                Some(t) => hbone::pipe(&mut t.client_side(&mut app), &mut up).await?,
+                None => hbone::pipe(&mut app, &mut up).await?,
+            };
             return Ok(());
         };
         let dst_id = self.mesh.identity_of(&dst);
+        let tracked = metrics.map(|m| {
+            m.outbound(
+                &Peer::of(&dst, &dst_id),
+                dst.services.first().map(String::as_str),
+                Security::MutualTls,
+            )
+        });
         let quic =
             dst.transport == Transport::Quic || self.mesh.transport == DefaultTransport::Quic;
         let o = Outbound {
@@ -201,13 +242,13 @@ impl PodMesh {
         debug!(pod = self.uid, %target, dst = %dst_id, quic, "mesh: outbound tunnel");
         let r = if quic {
             match self.mesh.quic.open(&self.quic, &o).await {
-                Ok(mut t) => hbone::pipe(&mut app, &mut t).await.map(|_| ()),
-                Err(e) => Err(e),
+                Ok(mut t) => pipe_counted(&mut app, &mut t, tracked.as_ref()).await,
+                Err(e) => Err(opened_failed(e, tracked.as_ref())),
             }
         } else {
             match self.mesh.pool.open(&o).await {
-                Ok(mut t) => hbone::pipe(&mut app, &mut t).await.map(|_| ()),
-                Err(e) => Err(e),
+                Ok(mut t) => pipe_counted(&mut app, &mut t, tracked.as_ref()).await,
+                Err(e) => Err(opened_failed(e, tracked.as_ref())),
             }
         };
         if let Err(e) = &r {
@@ -216,6 +257,31 @@ impl PodMesh {
             let _ = socket2::SockRef::from(&app).set_linger(Some(std::time::Duration::ZERO));
         }
         r
+    }
+}
+
+/// The tunnel could not be opened: counted failed.
+fn opened_failed(e: io::Error, tracked: Option<&Tracked>) -> io::Error {
+    if let Some(t) = tracked {
+        t.failed();
+    }
+    e
+}
+
+/// Pipes the app's connection and its tunnel, counting the app side's bytes.
+async fn pipe_counted<T>(
+    app: &mut TcpStream,
+    tunnel: &mut T,
+    tracked: Option<&Tracked>,
+) -> io::Result<()>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    match tracked {
+        Some(t) => hbone::pipe(&mut t.client_side(app), tunnel)
+            .await
+            .map(|_| ()),
+        None => hbone::pipe(app, tunnel).await.map(|_| ()),
     }
 }
 
@@ -249,6 +315,12 @@ impl hbone::Inbound for PodMesh {
 
     fn tasks(&self) -> Option<&PodTasks> {
         Some(&self.tasks)
+    }
+
+    fn track(&self, peer: Option<&Identity>) -> Option<Tracked> {
+        self.metrics
+            .as_ref()
+            .map(|m| m.inbound(&Peer::by_identity(peer), Security::MutualTls))
     }
 
     fn keepalive(&self) -> std::time::Duration {

@@ -9,6 +9,7 @@ pub mod drain;
 pub mod hbone;
 pub mod identity;
 pub mod mesh;
+pub mod metrics;
 pub mod quic;
 pub mod registry;
 pub mod relay;

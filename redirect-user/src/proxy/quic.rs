@@ -608,6 +608,10 @@ async fn serve_stream<I: Inbound>(
         Err(r) => Err(r),
     };
     let pod_name = pod.pod().to_owned();
+    let tracked = match &opened {
+        Ok(_) => pod.track(info.peer.as_ref()),
+        Err(_) => None,
+    };
     // Only the open needs the pod; the pipe must not keep it alive.
     drop(pod);
     let (mut app, target) = match opened {
@@ -623,7 +627,11 @@ async fn serve_stream<I: Inbound>(
         return;
     }
     let mut tunnel = QuicStream::new(send, recv, early, None);
-    match pipe(&mut tunnel, &mut app).await {
+    let piped = match &tracked {
+        Some(t) => pipe(&mut tunnel, &mut t.app_side(&mut app)).await,
+        None => pipe(&mut tunnel, &mut app).await,
+    };
+    match piped {
         Ok((up, down)) => {
             debug!(pod = pod_name, %target, up, down, "quic: inbound stream done")
         }

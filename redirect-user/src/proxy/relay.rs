@@ -44,6 +44,7 @@ use super::{
     PodListeners,
     drain::{Drained, PodTasks},
     mesh::PodMesh,
+    metrics::{Peer, PodMetrics, Security},
     outbound_socket, set_keepalive, udp_socket, unmap,
 };
 use crate::netns::Netns;
@@ -98,7 +99,7 @@ impl Relay {
         listeners: PodListeners,
         events: Option<UnboundedSender<AcceptEvent>>,
     ) -> std::io::Result<Self> {
-        Self::start_with(pod, netns, listeners, events, None)
+        Self::start_with(pod, netns, listeners, events, None, None)
     }
 
     /// Starts serving `listeners` with the mesh data path of `mesh`.
@@ -109,15 +110,18 @@ impl Relay {
         events: Option<UnboundedSender<AcceptEvent>>,
         mesh: Arc<PodMesh>,
     ) -> std::io::Result<Self> {
-        Self::start_with(pod, netns, listeners, events, Some(mesh))
+        Self::start_with(pod, netns, listeners, events, Some(mesh), None)
     }
 
-    fn start_with(
+    /// Starts serving `listeners`, with the mesh data path if `mesh` is given, counting
+    /// connections and bytes in `metrics` if given.
+    pub fn start_with(
         pod: &str,
         netns: Netns,
         listeners: PodListeners,
         events: Option<UnboundedSender<AcceptEvent>>,
         mesh: Option<Arc<PodMesh>>,
+        metrics: Option<Arc<PodMetrics>>,
     ) -> std::io::Result<Self> {
         // A mesh pod's tunnel streams (15008, QUIC) run as its tasks too.
         let tasks = match &mesh {
@@ -129,6 +133,7 @@ impl Relay {
             netns,
             events,
             mesh,
+            metrics,
             tasks,
             dns_slots: Arc::new(Semaphore::new(DNS_IN_FLIGHT)),
             dns_dropped: AtomicU64::new(0),
@@ -227,6 +232,7 @@ struct Ctx {
     netns: Netns,
     events: Option<UnboundedSender<AcceptEvent>>,
     mesh: Option<Arc<PodMesh>>,
+    metrics: Option<Arc<PodMetrics>>,
     tasks: PodTasks,
     dns_slots: Arc<Semaphore>,
     dns_dropped: AtomicU64,
@@ -315,7 +321,9 @@ async fn serve(
         match port {
             PORT_OUTBOUND => {
                 stream.set_nodelay(true)?;
-                return mesh.outbound(stream, peer, local).await;
+                return mesh
+                    .outbound_counted(stream, peer, local, ctx.metrics.as_deref())
+                    .await;
             }
             PORT_TUNNEL => {
                 return super::hbone::serve(mesh.clone(), mesh.server_config(), stream, peer).await;
@@ -349,10 +357,33 @@ async fn serve(
         _ => None,
     };
     stream.set_nodelay(true)?;
-    let mut upstream = outbound_socket(&ctx.netns, local, source)?
-        .connect(local)
-        .await?;
-    copy_bidirectional(&mut stream, &mut upstream).await?;
+    // Plain TCP both ways: neither side's identity is known beyond this pod's.
+    let tracked = match (&ctx.metrics, port) {
+        (Some(m), PORT_OUTBOUND) => Some(m.outbound(&Peer::unknown(), None, Security::Unknown)),
+        (Some(m), PORT_INBOUND) => Some(m.inbound(&Peer::unknown(), Security::Unknown)),
+        _ => None,
+    };
+    let connected = match outbound_socket(&ctx.netns, local, source) {
+        Ok(s) => s.connect(local).await,
+        Err(e) => Err(e),
+    };
+    let mut upstream = match connected {
+        Ok(u) => u,
+        Err(e) => {
+            if let Some(t) = &tracked {
+                t.failed();
+            }
+            return Err(e);
+        }
+    };
+    match &tracked {
+        Some(t) => {
+            copy_bidirectional(&mut t.client_side(stream), &mut upstream).await?;
+        }
+        None => {
+            copy_bidirectional(&mut stream, &mut upstream).await?;
+        }
+    }
     Ok(())
 }
 

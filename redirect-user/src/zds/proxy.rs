@@ -26,7 +26,9 @@ use crate::{
     proxy::{
         PodListeners,
         drain::DEFAULT_GRACE,
+        identity::Identity,
         mesh::Mesh,
+        metrics::{Peer, ProxyMetrics, UNKNOWN},
         registry::{Protocol, Transport, Workload},
         relay::{AcceptEvent, Relay},
     },
@@ -63,6 +65,7 @@ pub struct InpodProxy {
     /// Removed pods whose connections are draining.
     draining: JoinSet<()>,
     grace: Duration,
+    metrics: Option<Arc<ProxyMetrics>>,
 }
 
 impl InpodProxy {
@@ -78,6 +81,24 @@ impl InpodProxy {
             pending: HashMap::new(),
             draining: JoinSet::new(),
             grace: DEFAULT_GRACE,
+            metrics: None,
+        }
+    }
+
+    /// Counts connections and bytes of every pod, and the proxy's own state, in `m`.
+    pub fn with_metrics(mut self, m: Arc<ProxyMetrics>) -> Self {
+        self.metrics = Some(m);
+        self
+    }
+
+    /// Pods served and pending, readiness: into the metrics.
+    fn observe(&self, ready: Option<bool>) {
+        if let Some(m) = &self.metrics {
+            m.active_pods.set(self.running.len() as i64);
+            m.pending_pods.set(self.pending.len() as i64);
+            if let Some(r) = ready {
+                m.set_ready(r);
+            }
         }
     }
 
@@ -119,6 +140,7 @@ impl InpodProxy {
                         warn!(error = %e, "inpod: connection to the node agent ended");
                     }
                     self.state.disconnected();
+                    self.observe(Some(false));
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, ?backoff, "inpod: node agent not reachable");
@@ -137,19 +159,34 @@ impl InpodProxy {
             tokio::select! {
                 got = wire::recv(sock) => {
                     let Some(dg) = got? else { return Ok(()) };
-                    let answer = self.handle(dg).await;
+                    let (answer, snapshot) = self.handle(dg).await;
+                    self.observe(snapshot.then_some(true));
                     if let Err(reason) = &answer {
                         warn!(reason, "inpod: negative ack");
                     }
                     wire::send(sock, &codec::encode_response(&answer), None).await?;
                 }
-                _ = retry.tick() => self.retry_pending().await,
+                _ = retry.tick() => {
+                    self.retry_pending().await;
+                    self.observe(None);
+                }
             }
         }
     }
 
-    /// One message in, one answer out.
-    async fn handle(&mut self, dg: wire::Datagram) -> codec::Response {
+    /// One message in, one answer out; and whether it completed a snapshot.
+    async fn handle(&mut self, dg: wire::Datagram) -> (codec::Response, bool) {
+        let snapshot = !dg.truncated
+            && matches!(
+                Request::decode(&dg.bytes, dg.fds.len()),
+                Ok(Request::SnapshotSent)
+            );
+        let answer = self.handle_request(dg).await;
+        let done = snapshot && answer.is_ok();
+        (answer, done)
+    }
+
+    async fn handle_request(&mut self, dg: wire::Datagram) -> codec::Response {
         if dg.truncated {
             return Err(format!("message over {} bytes", codec::MAX_MESSAGE));
         }
@@ -215,14 +252,38 @@ impl InpodProxy {
             .and_then(|l| {
                 let ns = netns.try_clone().map_err(|e| e.to_string())?;
                 let events = self.cfg.events.clone();
+                let metrics = self.metrics.as_ref().map(|m| {
+                    let principal = match &self.cfg.mesh {
+                        Some(mesh) => {
+                            let sa = if info.service_account.is_empty() {
+                                "default"
+                            } else {
+                                &info.service_account
+                            };
+                            Identity::new(mesh.tls.trust_domain(), &info.namespace, sa).to_string()
+                        }
+                        None => UNKNOWN.to_string(),
+                    };
+                    m.pod(Peer {
+                        workload: info.name.clone(),
+                        namespace: info.namespace.clone(),
+                        principal,
+                    })
+                });
                 match &self.cfg.mesh {
-                    None => Relay::start(&uid, ns, l, events).map_err(|e| e.to_string()),
+                    None => Relay::start_with(&uid, ns, l, events, None, metrics)
+                        .map_err(|e| e.to_string()),
                     Some(mesh) => {
                         let workload = local_workload(&uid, &info, &netns)?;
                         let pod = mesh
-                            .pod(workload, netns.try_clone().map_err(|e| e.to_string())?)
+                            .pod_with_metrics(
+                                workload,
+                                netns.try_clone().map_err(|e| e.to_string())?,
+                                metrics.clone(),
+                            )
                             .map_err(|e| format!("mesh: {e}"))?;
-                        Relay::start_mesh(&uid, ns, l, events, pod).map_err(|e| e.to_string())
+                        Relay::start_with(&uid, ns, l, events, Some(pod), metrics)
+                            .map_err(|e| e.to_string())
                     }
                 }
             });
