@@ -326,5 +326,35 @@ fn the_daemonsets_arguments_are_accepted_by_the_binary() {
             c.command.as_ref().unwrap()[0].ends_with("/redirect-user"),
             "{file}"
         );
+        // The probes and the scrape port are where the binary serves them by default.
+        let port_of = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+            let g = p.as_ref().unwrap().http_get.as_ref().unwrap();
+            (
+                g.path.clone().unwrap(),
+                serde_json::to_value(&g.port).unwrap(),
+            )
+        };
+        for (probe, path) in [
+            (&c.readiness_probe, "/readyz"),
+            (&c.liveness_probe, "/healthz"),
+        ] {
+            let (p, port) = port_of(probe);
+            assert_eq!(p, path, "{file}");
+            assert!(
+                help.contains("--admin-addr")
+                    && help.contains(&format!("[default: 0.0.0.0:{port}]")),
+                "{file}: {path} on port {port}, which the binary does not serve by default"
+            );
+        }
+        let ports = c.ports.as_ref().unwrap();
+        let metrics = ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some("metrics"))
+            .unwrap();
+        assert!(
+            help.contains(&format!("[default: 0.0.0.0:{}]", metrics.container_port)),
+            "{file}: metrics port {} is not the binary's default",
+            metrics.container_port
+        );
     }
 }
