@@ -793,6 +793,24 @@ pub mod process {
         panic!("{what}: not reached in {secs} s");
     }
 
+    /// A pod uid unique on this machine, a UUID as the kubelet's cgroup paths carry it
+    /// (agents under test scan the whole /proc for them).
+    pub fn pod_uid() -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SEQ: AtomicU64 = AtomicU64::new(1);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        format!("{:08x}-0000-4000-8000-{n:012x}", std::process::id())
+    }
+
+    /// Polls `ok` for `ms` milliseconds and asserts it holds throughout (for "never").
+    pub fn holds_for(what: &str, ms: u64, ok: impl Fn() -> bool) {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(ms) {
+            assert!(ok(), "{what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// A directory removed when dropped, on failure too.
     pub struct RemoveDir(pub PathBuf);
 

@@ -19,7 +19,7 @@ use std::{
 
 use redirect_tests::{
     fakeapi::{FakeApi, Kind, pod_object},
-    process::{Proc, RemoveDir, cli, wait_for},
+    process::{Proc, RemoveDir, cli, holds_for, pod_uid as uid, wait_for},
     *,
 };
 use serde_json::{Value, json};
@@ -64,14 +64,6 @@ impl Drop for Cluster {
         }
         let _ = std::fs::remove_dir(&self.kubepods);
     }
-}
-
-/// A pod uid unique in this test process (tests run in parallel, and each agent scans
-/// the whole /proc).
-fn uid() -> String {
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let n = SEQ.fetch_add(1, Ordering::Relaxed);
-    format!("{:08x}-0000-4000-8000-{n:012x}", std::process::id())
 }
 
 impl Cluster {
@@ -296,15 +288,6 @@ impl Cluster {
 
     fn agent_log(&self) -> String {
         std::fs::read_to_string(self.log()).unwrap_or_default()
-    }
-}
-
-/// Polls `ok` for `ms` milliseconds and asserts it holds throughout (for "never").
-fn holds_for(what: &str, ms: u64, ok: impl Fn() -> bool) {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_millis(ms) {
-        assert!(ok(), "{what}");
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -19,7 +19,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -29,7 +29,7 @@ use redirect_tests::{
     cri::{CniSetup, Pod, PodDef, Runtime},
     fakeapi::{FakeApi, pod_object},
     ip_out,
-    process::{Proc, RemoveDir, cli, wait_for},
+    process::{Proc, RemoveDir, cli, holds_for, pod_uid as uid, wait_for},
     redirect_cni_bin,
 };
 use redirect_user::demo::ask;
@@ -41,13 +41,6 @@ const AMBIENT: &str = "istio.io/dataplane-mode";
 const APP: u16 = 8080;
 /// The agent's CNI configuration in the runtime's configuration directory.
 const OURS: &str = "0-redirect.conflist";
-
-/// A pod uid (a UUID, as the kubelet's cgroup paths carry it) unique on this machine.
-fn uid() -> String {
-    static SEQ: AtomicU64 = AtomicU64::new(1);
-    let n = SEQ.fetch_add(1, Ordering::Relaxed);
-    format!("{:08x}-0000-4000-8000-{n:012x}", std::process::id())
-}
 
 /// Lines received by the listener on the gateway address, with the peer that sent each.
 #[derive(Default)]
@@ -452,15 +445,6 @@ fn pod_to_pod(from: &Pod, to: &Pod) -> String {
     let ns = from.open_netns().unwrap();
     ask(&ns, SocketAddr::new(v4(to), APP), "hello")
         .unwrap_or_else(|e| panic!("{} to {}: {e:#}", from.name, to.name))
-}
-
-/// Polls `ok` for `ms` milliseconds and asserts it holds throughout.
-fn holds_for(what: &str, ms: u64, ok: impl Fn() -> bool) {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_millis(ms) {
-        assert!(ok(), "{what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn s(v: &str) -> Option<String> {
