@@ -793,6 +793,22 @@ pub mod process {
         panic!("{what}: not reached in {secs} s");
     }
 
+    /// A running agent's pods by uid, as `status --json` shows them (none when it
+    /// does not answer).
+    pub fn pods_by_uid(state_dir: &str) -> std::collections::BTreeMap<String, serde_json::Value> {
+        let Ok(out) = cli(&["status", "--json", "--state-dir", state_dir]) else {
+            return Default::default();
+        };
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        v["pods"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|p| Some((p["spec"]["uid"].as_str()?.to_string(), p)))
+            .collect()
+    }
+
     /// A pod uid unique on this machine, a UUID as the kubelet's cgroup paths carry it
     /// (agents under test scan the whole /proc for them).
     pub fn pod_uid() -> String {

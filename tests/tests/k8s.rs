@@ -19,7 +19,7 @@ use std::{
 
 use redirect_tests::{
     fakeapi::{FakeApi, Kind, pod_object},
-    process::{Proc, RemoveDir, cli, holds_for, pod_uid as uid, wait_for},
+    process::{Proc, RemoveDir, cli, holds_for, pod_uid as uid, pods_by_uid, wait_for},
     *,
 };
 use serde_json::{Value, json};
@@ -225,17 +225,7 @@ impl Cluster {
 
     /// The agent's pods by uid, as `status --json` shows them.
     fn pods(&self) -> BTreeMap<String, Value> {
-        let Ok(out) = cli(&["status", "--json", "--state-dir", self.d()]) else {
-            return BTreeMap::new();
-        };
-        let v: Value = serde_json::from_str(&out).unwrap();
-        v["pods"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|p| (p["spec"]["uid"].as_str().unwrap().to_string(), p))
-            .collect()
+        pods_by_uid(self.d())
     }
 
     fn state(&self, uid: &str) -> Option<String> {

@@ -29,7 +29,7 @@ use redirect_tests::{
     cri::{CniSetup, Pod, PodDef, Runtime},
     fakeapi::{FakeApi, pod_object},
     ip_out,
-    process::{Proc, RemoveDir, cli, holds_for, pod_uid as uid, wait_for},
+    process::{Proc, RemoveDir, cli, holds_for, pod_uid as uid, pods_by_uid, wait_for},
     redirect_cni_bin,
 };
 use redirect_user::demo::ask;
@@ -315,12 +315,7 @@ impl Node {
 
     /// The agent's pods by uid.
     fn pods(&self) -> BTreeMap<String, Value> {
-        self.status()
-            .and_then(|s| s["pods"].as_array().cloned())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|p| (p["spec"]["uid"].as_str().unwrap().to_string(), p))
-            .collect()
+        pods_by_uid(self.d())
     }
 
     fn state(&self, uid: &str) -> Option<String> {
