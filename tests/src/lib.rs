@@ -11,6 +11,7 @@ pub mod fakeapi;
 #[path = "../../xtask/src/oci.rs"]
 pub mod oci;
 pub mod raw;
+pub mod traffic;
 
 use std::{
     collections::HashMap,

@@ -337,18 +337,30 @@ impl Agent {
     /// Saves the pod list: written to a temporary file, synced, renamed over the old one,
     /// so that a crash leaves either list whole.
     fn persist_now(&self) {
+        self.persist_with(None)
+    }
+
+    /// Saves the pod list, with `adding` in it (in place of the pod of that uid).
+    fn persist_with(&self, adding: Option<&PodSpec>) {
         let _writing = self.inner.writing.lock().unwrap();
-        let saved: Vec<SavedPod> = self
+        let mut saved: Vec<SavedPod> = self
             .inner
             .pods
             .lock()
             .unwrap()
             .values()
+            .filter(|p| adding.is_none_or(|a| a.uid != p.spec.uid))
             .map(|p| SavedPod {
                 spec: p.spec.clone(),
                 releasing: p.state.releasing(),
             })
             .collect();
+        if let Some(spec) = adding {
+            saved.push(SavedPod {
+                spec: spec.clone(),
+                releasing: false,
+            });
+        }
         let path = &self.inner.state_file;
         let tmp = path.with_extension("json.tmp");
         let r = serde_json::to_vec_pretty(&saved)
@@ -382,7 +394,15 @@ impl Agent {
                     uid: spec.uid.clone(),
                     source,
                 })?;
-                agent.enrol_locally(spec, netns)
+                // Saved before the engine changes anything: an agent killed during the
+                // enrolment takes the pod back after its restart (in its namespace),
+                // where one that never saved it could not undo the part in place.
+                agent.persist_with(Some(&spec));
+                let r = agent.enrol_locally(spec, netns);
+                if r.is_err() {
+                    agent.persist_now();
+                }
+                r
             })
             .await?;
             self.persist().await;
@@ -748,6 +768,13 @@ impl Agent {
             tick.tick().await;
             if n % RELEASE_RETRY_TICKS == 0 {
                 self.retry_releases().await;
+            }
+            for (uid, e) in self.inner.engine.restore_pins() {
+                warn!(
+                    uid,
+                    error = e,
+                    "agent: cannot pin the pod's sk_lookup link again"
+                );
             }
             if let Err(e) = self.inner.engine.expire_carried_trust() {
                 warn!(error = %e, "agent: cannot drop the trust of an earlier run");

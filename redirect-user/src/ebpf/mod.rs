@@ -359,6 +359,26 @@ impl Engine {
 
     /// Tries again every un-enrolment that failed half-way; returns those that failed
     /// again (they stay releasing).
+    /// Pins again the sk_lookup links whose pins are gone (a pin removed by hand, the
+    /// bpffs unmounted and mounted again): the links stay attached while this process
+    /// holds them, and the pins keep them after it. Returns the uids whose link could
+    /// not be pinned, with why.
+    pub fn restore_pins(&self) -> Vec<(String, String)> {
+        let guard = self.lock();
+        let Some(inner) = guard.as_ref() else {
+            return Vec::new();
+        };
+        inner
+            .pods
+            .iter()
+            .filter_map(|(uid, s)| {
+                pod::restore_pin(&self.pin_dir, uid, s)
+                    .err()
+                    .map(|e| (uid.clone(), e))
+            })
+            .collect()
+    }
+
     pub fn finish_releases(&self) -> Vec<(String, EnrolError)> {
         let releasing: Vec<String> = {
             let guard = self.lock();

@@ -48,6 +48,10 @@ const OWN_ALL: u32 = OWN_RULE_V4 | OWN_RULE_V6 | OWN_ROUTE_V4 | OWN_ROUTE_V6 | O
 /// The record tracks ownership. Records pinned by earlier versions do not: everything
 /// they name was made by the engine, as those versions took it.
 const OWN_TRACKED: u32 = 1 << 30;
+/// An enrolment is changing the pod's namespace: the pinned record was written before
+/// those changes and names none of them. Found in a record after a restart, it means the
+/// process died in the middle (see `settle_cut_short`).
+const APPLYING: u32 = 1 << 29;
 /// Un-enrolment is under way (it failed half-way and is retried).
 const RELEASING: u32 = 1 << 31;
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -131,6 +135,9 @@ pub(crate) struct PodState {
     /// The pod's entries in `pod_addrs`, so that un-enrolment removes exactly those
     /// without walking the map.
     pub addrs: Vec<AddrKey>,
+    /// The pod's sk_lookup link, held besides its pin: a pin removed (or its bpffs
+    /// unmounted) under a running engine does not detach it, and is pinned again.
+    pub link: Option<std::os::fd::OwnedFd>,
 }
 
 impl PodState {
@@ -160,6 +167,26 @@ fn upgrade_legacy(record: &mut PodRecord) {
     if record.owned & OWN_TRACKED == 0 {
         record.owned |= OWN_TRACKED | OWN_ALL;
     }
+}
+
+/// A record pinned by an enrolment that never finished (the process was killed while
+/// it changed the pod's namespace) does not say what was already created there. Take
+/// all of it as the engine's, so that un-enrolment leaves nothing half in place: the
+/// rule, routes, tc filters and clsact qdiscs go and accept_local is set back to 0,
+/// even where they were there before the enrolment.
+fn settle_cut_short(record: &mut PodRecord) {
+    if record.owned & APPLYING == 0 {
+        return;
+    }
+    record.owned = (record.owned & !APPLYING) | OWN_ALL;
+    let ifaces: Vec<usize> = ifaces_of(record).map(|(i, _)| i).collect();
+    for i in ifaces {
+        record.flags |= CLSACT_BASE << i;
+        if record.accept_local_before[i] == 0 {
+            record.accept_local_before[i] = 1;
+        }
+    }
+    record.flags |= CLSACT_LO;
 }
 
 fn ifaces_of(r: &PodRecord) -> impl Iterator<Item = (usize, String)> + '_ {
@@ -200,12 +227,21 @@ pub(crate) fn adopt_pinned(maps: &Maps) -> BTreeMap<String, PodState> {
         let Ok((k, record)) = entry else { continue };
         let end = k.uid.iter().position(|&b| b == 0).unwrap_or(UID_LEN);
         let uid = String::from_utf8_lossy(&k.uid[..end]).into_owned();
+        let mut record = record;
+        if record.owned & APPLYING != 0 {
+            warn!(
+                uid,
+                "redirect: the enrolment of this pod was cut short; all of it will be undone"
+            );
+            settle_cut_short(&mut record);
+        }
         out.insert(
             uid,
             PodState {
                 netns: None,
                 addrs: addrs.remove(&record.netns_cookie).unwrap_or_default(),
                 record,
+                link: None,
             },
         );
     }
@@ -402,11 +438,12 @@ pub(crate) fn enrol(
                     })??;
                 // The pinned sk_lookup link still runs the program of the run that made it.
                 let link_path = pin_dir.join("links").join(uid);
-                update_sk_lookup(ebpf, netns, &link_path)
+                let link = update_sk_lookup(ebpf, netns, &link_path)
                     .map_err(step(uid, "update sk_lookup link"))?;
                 write_config(maps, uid, &record)?;
                 state.record = record;
                 state.netns = Some(ns);
+                state.link = Some(link);
                 info!(
                     uid,
                     dns_capture = options.dns_capture,
@@ -466,7 +503,7 @@ pub(crate) fn enrol(
         },
         ifaces: [[0; IFNAME_LEN]; MAX_POD_IFACES],
         accept_local_before: [0; MAX_POD_IFACES],
-        owned: OWN_TRACKED,
+        owned: OWN_TRACKED | APPLYING,
     };
     for (i, (name, _)) in info.ifaces.iter().enumerate() {
         record.ifaces[i][..name.len()].copy_from_slice(name.as_bytes());
@@ -492,11 +529,14 @@ pub(crate) fn enrol(
     }
     let t_maps = started.elapsed();
     let link_path = pin_dir.join("links").join(uid);
-    if let Err(e) = attach_sk_lookup(ebpf, netns, &link_path) {
-        remove_maps(maps, uid, &record, &written);
-        give_back_addrs(maps, pods, uid, &taken);
-        return Err(step(uid, "attach sk_lookup")(e));
-    }
+    let link = match attach_sk_lookup(ebpf, netns, &link_path) {
+        Ok(link) => link,
+        Err(e) => {
+            remove_maps(maps, uid, &record, &written);
+            give_back_addrs(maps, pods, uid, &taken);
+            return Err(step(uid, "attach sk_lookup")(e));
+        }
+    };
     let t_link = started.elapsed();
     let applied = netns
         .run(|| apply_in_ns(ebpf, &mut record, &info, uid))
@@ -505,11 +545,14 @@ pub(crate) fn enrol(
             source,
         })
         .and_then(|r| r);
+    // What apply_in_ns did is in the record now, failed or not.
+    record.owned &= !APPLYING;
     if let Err(e) = applied {
         let mut state = PodState {
             netns: Some(ns),
             record,
             addrs: written,
+            link: Some(link),
         };
         if let Err(undo) = unenrol(maps, pin_dir, uid, &mut state, None) {
             warn!(uid, error = %undo, "redirect: a failed enrolment is not undone completely; the pod is kept as releasing");
@@ -546,6 +589,7 @@ pub(crate) fn enrol(
             netns: Some(ns),
             record,
             addrs: written,
+            link: Some(link),
         },
     );
     Ok(outcome)
@@ -606,7 +650,11 @@ fn write_config(maps: &mut Maps, uid: &str, record: &PodRecord) -> Result<(), En
 
 /// Points the pod's pinned sk_lookup link at this run's program (BPF_LINK_UPDATE), or
 /// attaches a new link if the pin is missing.
-fn update_sk_lookup(ebpf: &mut Ebpf, netns: &Netns, pin: &Path) -> Result<(), String> {
+fn update_sk_lookup(
+    ebpf: &mut Ebpf,
+    netns: &Netns,
+    pin: &Path,
+) -> Result<std::os::fd::OwnedFd, String> {
     let link = match bpf_obj_get(pin) {
         Ok(fd) => fd,
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
@@ -620,7 +668,45 @@ fn update_sk_lookup(ebpf: &mut Ebpf, netns: &Netns, pin: &Path) -> Result<(), St
         .try_into()
         .map_err(|e: aya::programs::ProgramError| e.to_string())?;
     let prog_fd = prog.fd().map_err(|e| e.to_string())?;
-    bpf_link_update(link.as_fd(), prog_fd.as_fd()).map_err(|e| format!("BPF_LINK_UPDATE: {e}"))
+    bpf_link_update(link.as_fd(), prog_fd.as_fd()).map_err(|e| format!("BPF_LINK_UPDATE: {e}"))?;
+    Ok(link)
+}
+
+/// `BPF_OBJ_PIN`: pins the object `fd` at `path`.
+fn bpf_obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    #[repr(C)]
+    struct Attr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let attr = Attr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    // SAFETY: attr points at a live NUL-terminated path and a valid fd.
+    unsafe { super::maps::sys_bpf(BPF_OBJ_PIN, &attr) }.map(|_| ())
+}
+
+/// Pins the pod's sk_lookup link again if its pin is gone (removed by hand, or its
+/// bpffs unmounted and mounted again). True if it did.
+pub(crate) fn restore_pin(pin_dir: &Path, uid: &str, state: &PodState) -> Result<bool, String> {
+    let Some(link) = &state.link else {
+        return Ok(false);
+    };
+    let pin = pin_dir.join("links").join(uid);
+    if pin.exists() {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(pin_dir.join("links")).map_err(|e| e.to_string())?;
+    bpf_obj_pin(link.as_fd(), &pin).map_err(|e| format!("{}: {e}", pin.display()))?;
+    warn!(uid, path = %pin.display(), "redirect: sk_lookup link pin was gone; pinned again");
+    Ok(true)
 }
 
 /// `BPF_OBJ_GET`: an fd for a pinned object.
@@ -799,7 +885,11 @@ fn remove_maps(maps: &mut Maps, uid: &str, record: &PodRecord, addrs: &[AddrKey]
     let _ = maps.pod_index.remove(&uid_key(uid));
 }
 
-fn attach_sk_lookup(ebpf: &mut Ebpf, netns: &Netns, pin: &Path) -> Result<(), String> {
+fn attach_sk_lookup(
+    ebpf: &mut Ebpf,
+    netns: &Netns,
+    pin: &Path,
+) -> Result<std::os::fd::OwnedFd, String> {
     let prog: &mut SkLookup = ebpf
         .program_mut(names::PROG_SK_LOOKUP)
         .ok_or("program missing")?
@@ -810,7 +900,8 @@ fn attach_sk_lookup(ebpf: &mut Ebpf, netns: &Netns, pin: &Path) -> Result<(), St
     let _ = std::fs::remove_file(pin);
     // Pinned, the link outlives this process: the pod stays redirected (fail closed).
     link.pin(pin).map_err(|e| e.to_string())?;
-    Ok(())
+    // And held while this process runs, whatever happens to the pin.
+    bpf_obj_get(pin).map_err(|e| format!("{}: {e}", pin.display()))
 }
 
 /// Unpins the pod's sk_lookup link (dropping the last reference detaches it). A link
@@ -1081,6 +1172,8 @@ pub(crate) fn unenrol(
         ),
         None => {}
     }
+    // Both holders go: the pin and this process's fd.
+    state.link = None;
     if let Err(e) = detach_sk_lookup(&pin_dir.join("links").join(uid)) {
         warn!(uid, error = %e, "redirect: un-enrolment step failed");
         result = result.and(Err(step(uid, "detach sk_lookup")(e)));
@@ -1140,5 +1233,38 @@ mod tests {
             names,
             vec![(0, "eth0".to_string()), (1, "net1".to_string())]
         );
+    }
+
+    #[test]
+    fn an_enrolment_cut_short_is_undone_whole() {
+        let mut r = PodRecord {
+            netns_cookie: 1,
+            netns_dev: 2,
+            netns_ino: 3,
+            id: 4,
+            flags: POD_DNS_CAPTURE,
+            ifaces: [[0; IFNAME_LEN]; MAX_POD_IFACES],
+            accept_local_before: [0; MAX_POD_IFACES],
+            owned: OWN_TRACKED | APPLYING,
+        };
+        r.ifaces[0][..4].copy_from_slice(b"eth0");
+        r.accept_local_before[0] = 2;
+        r.ifaces[1][..4].copy_from_slice(b"net1");
+        let finished = PodRecord {
+            owned: OWN_TRACKED,
+            ..r
+        };
+        let mut done = finished;
+        settle_cut_short(&mut done);
+        assert_eq!(done, finished, "a finished enrolment's record is exact");
+        settle_cut_short(&mut r);
+        assert_eq!(r.owned, OWN_TRACKED | OWN_ALL);
+        assert_eq!(
+            r.flags,
+            POD_DNS_CAPTURE | CLSACT_BASE | CLSACT_BASE << 1 | CLSACT_LO
+        );
+        // A value read before is kept; one never read is taken as 0 ("was 0": 1).
+        assert_eq!(r.accept_local_before[..2], [2, 1]);
+        assert!(left_in_ns(&r));
     }
 }
