@@ -18,6 +18,7 @@ use crate::{
     cni::{self, StaticMembership, install::InstallConfig},
     ebpf::{DEFAULT_OWNER_WAIT, DEFAULT_PIN_DIR, Engine, EngineConfig, ProxyIdentity},
     membership::Membership,
+    privileges,
     proxy::{
         identity::{CertSource, DEFAULT_TRUST_DOMAIN, FileCerts, LocalCa, Tls},
         mesh::{DefaultTransport, Mesh},
@@ -335,6 +336,7 @@ pub enum PodCommand {
 
 /// `run`: the node agent and the proxy in one process (the DaemonSet default).
 pub async fn run(agent: AgentArgs, mut proxy: ProxyArgs) -> Result<()> {
+    privileges::check(privileges::Mode::Run)?;
     if proxy.mesh.ca_dir.is_none() {
         proxy.mesh.ca_dir = Some(agent.state_dir.join("ca"));
     }
@@ -380,6 +382,7 @@ pub async fn run(agent: AgentArgs, mut proxy: ProxyArgs) -> Result<()> {
 
 /// `node-agent`: the agent alone; any proxy speaking the protocol may connect.
 pub async fn node_agent(agent: AgentArgs) -> Result<()> {
+    privileges::check(privileges::Mode::NodeAgent)?;
     // Connected proxies' cgroups are trusted while they are connected.
     let engine = Arc::new(open_engine(
         &agent,
@@ -420,6 +423,7 @@ async fn start_kube(
 
 /// `proxy`: the proxy alone, driven by any node agent speaking the protocol.
 pub async fn proxy(args: ProxyArgs) -> Result<()> {
+    privileges::check(privileges::Mode::Proxy)?;
     let cfg = ProxyConfig {
         mesh: args.mesh.build()?,
         socket: args.socket,

@@ -8,6 +8,7 @@
 //! - [`k8s`]: the pods of the mesh from the Kubernetes API (watch, /proc discovery).
 //! - [`membership`]: which pods belong to the mesh (the CNI plugin asks, the cluster answers).
 //! - [`cni`]: the chained CNI plugin, the agent's plugin socket, the CNI configuration.
+//! - [`privileges`]: the capabilities each mode needs, checked at start.
 
 pub mod admin;
 pub mod agent;
@@ -20,6 +21,7 @@ pub mod k8s;
 pub mod membership;
 pub mod netlink;
 pub mod netns;
+pub mod privileges;
 pub mod probe;
 pub mod proxy;
 pub mod topology;

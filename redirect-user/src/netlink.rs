@@ -11,7 +11,7 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage},
-    link::{LinkAttribute, LinkFlags, LinkMessage},
+    link::{AfSpecInet, AfSpecUnspec, LinkAttribute, LinkFlags, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
     rule::{RuleAction, RuleAttribute, RuleMessage},
     tc::{TcAttribute, TcHandle, TcMessage},
@@ -140,6 +140,76 @@ impl Netlink {
                     .unwrap_or_default(),
             })
             .collect())
+    }
+
+    /// `net.ipv4.conf.<name>.accept_local`, read through rtnetlink: a container's
+    /// `/proc/sys` is read-only. `None` when there is no such interface.
+    pub fn accept_local(&mut self, name: &str) -> Result<Option<bool>, NetlinkError> {
+        const OP: &str = "read accept_local";
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.into()));
+        let msgs = match self.request(OP, RouteNetlinkMessage::GetLink(msg), NLM_F_ACK) {
+            Err(NetlinkError::Kernel { source, .. })
+                if source.raw_os_error() == Some(libc::ENODEV) =>
+            {
+                return Ok(None);
+            }
+            r => r?,
+        };
+        let conf = msgs.into_iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => l.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::AfSpecUnspec(specs) => specs.into_iter().find_map(|s| match s {
+                    AfSpecUnspec::Inet(inet) => inet.into_iter().find_map(|i| match i {
+                        AfSpecInet::DevConf(c) => Some(c),
+                        _ => None,
+                    }),
+                    _ => None,
+                }),
+                _ => None,
+            }),
+            _ => None,
+        });
+        match conf {
+            Some(c) => Ok(Some(c.accept_local != 0)),
+            None => Err(NetlinkError::Decode {
+                op: OP,
+                detail: format!("{name} has no IPv4 configuration"),
+            }),
+        }
+    }
+
+    /// Sets `net.ipv4.conf.<name>.accept_local` through rtnetlink (`IFLA_AF_SPEC`,
+    /// `AF_INET`, `IFLA_INET_CONF`), which needs CAP_NET_ADMIN but no writable
+    /// `/proc/sys`. False when there is no such interface.
+    pub fn set_accept_local(&mut self, name: &str, on: bool) -> Result<bool, NetlinkError> {
+        const IFLA_INET_CONF: u16 = 1;
+        const IPV4_DEVCONF_ACCEPT_LOCAL: u16 = 23;
+        let nla = |kind: u16, value: &[u8]| {
+            let mut v = Vec::with_capacity(4 + value.len());
+            v.extend_from_slice(&(4 + value.len() as u16).to_ne_bytes());
+            v.extend_from_slice(&kind.to_ne_bytes());
+            v.extend_from_slice(value);
+            v
+        };
+        let conf = nla(IPV4_DEVCONF_ACCEPT_LOCAL, &u32::from(on).to_ne_bytes());
+        let inet = nla(IFLA_INET_CONF | netlink_packet_core::NLA_F_NESTED, &conf);
+        let spec = nla(u16::from(u8::from(AddressFamily::Inet)), &inet);
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.into()));
+        msg.attributes.push(LinkAttribute::AfSpecUnknown(spec));
+        match self.request(
+            "set accept_local",
+            RouteNetlinkMessage::SetLink(msg),
+            NLM_F_ACK,
+        ) {
+            Ok(_) => Ok(true),
+            Err(NetlinkError::Kernel { source, .. })
+                if source.raw_os_error() == Some(libc::ENODEV) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Every address of the namespace with the index of its interface.

@@ -174,14 +174,25 @@ pub struct PodDef {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub containers: Vec<ContainerDef>,
+    /// The node's network namespace (`hostNetwork: true`): no CNI call, no pod IP.
+    pub host_network: bool,
 }
 
-/// A container of the app image ([`APP_IMAGE`], busybox): `command` runs as is.
-#[derive(Clone, Debug)]
+/// A container: of the app image ([`APP_IMAGE`], busybox) unless `image` says,
+/// `command` (and `args`) run as is.
+#[derive(Clone, Debug, Default)]
 pub struct ContainerDef {
     pub name: String,
     pub command: Vec<String>,
+    pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// An image imported with [`Runtime::import_image`].
+    pub image: Option<String>,
+    /// Host paths mounted in (hostPath volumes).
+    pub mounts: Vec<api::Mount>,
+    /// Capabilities added and dropped, privileged, read-only root, no_new_privs (the
+    /// namespaces are the pod's and are filled in).
+    pub security: Option<LinuxContainerSecurityContext>,
 }
 
 impl PodDef {
@@ -194,7 +205,14 @@ impl PodDef {
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
             containers: Vec::new(),
+            host_network: false,
         }
+    }
+
+    /// In the node's network namespace, as a `hostNetwork: true` pod.
+    pub fn host_network(mut self) -> Self {
+        self.host_network = true;
+        self
     }
 
     pub fn namespace(mut self, ns: &str) -> Self {
@@ -222,7 +240,7 @@ impl PodDef {
         self.containers.push(ContainerDef {
             name: name.into(),
             command: command.iter().map(|s| s.to_string()).collect(),
-            env: Vec::new(),
+            ..Default::default()
         });
         self
     }
@@ -697,7 +715,12 @@ disabled_plugins = [
                 namespace: def.namespace.clone(),
                 attempt: 0,
             }),
-            hostname: def.name.clone(),
+            // The node's UTS namespace with its network: no hostname of the pod's.
+            hostname: if def.host_network {
+                String::new()
+            } else {
+                def.name.clone()
+            },
             log_directory: logs.display().to_string(),
             dns_config: Some(DnsConfig {
                 servers: vec![self.net.gateway_v4().to_string()],
@@ -714,7 +737,7 @@ disabled_plugins = [
                 // As the kubelet's cgroupfs driver names it: the pod's uid in the path.
                 cgroup_parent: format!("/{}/pod{}", self.name, def.uid),
                 security_context: Some(LinuxSandboxSecurityContext {
-                    namespace_options: Some(pod_namespaces()),
+                    namespace_options: Some(pod_namespaces(def.host_network)),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -739,9 +762,14 @@ disabled_plugins = [
             .pod_sandbox_id;
         self.created.lock().unwrap().sandboxes.insert(id.clone());
         let status = deadline("PodSandboxStatus", c.pod_sandbox_status(&id, true)).await?;
-        let netns = netns_from_info(&status.info)
-            .with_context(|| format!("cri: no network namespace in the status of {id}"))?;
-        self.created.lock().unwrap().netns.insert(netns.clone());
+        let netns = if def.host_network {
+            PathBuf::from("/proc/1/ns/net")
+        } else {
+            let netns = netns_from_info(&status.info)
+                .with_context(|| format!("cri: no network namespace in the status of {id}"))?;
+            self.created.lock().unwrap().netns.insert(netns.clone());
+            netns
+        };
         let mut ips = Vec::new();
         if let Some(n) = status.status.and_then(|s| s.network) {
             for ip in std::iter::once(n.ip).chain(n.additional_ips.into_iter().map(|p| p.ip)) {
@@ -752,43 +780,7 @@ disabled_plugins = [
         }
         let mut containers = Vec::new();
         for cdef in &def.containers {
-            let req = CreateContainerRequest {
-                pod_sandbox_id: id.clone(),
-                config: Some(ContainerConfig {
-                    metadata: Some(ContainerMetadata {
-                        name: cdef.name.clone(),
-                        attempt: 0,
-                    }),
-                    image: Some(ImageSpec {
-                        image: APP_IMAGE.into(),
-                    }),
-                    command: cdef.command.clone(),
-                    envs: cdef
-                        .env
-                        .iter()
-                        .map(|(k, v)| KeyValue {
-                            key: k.clone(),
-                            value: v.clone(),
-                        })
-                        .collect(),
-                    log_path: format!("{}/0.log", cdef.name),
-                    linux: Some(LinuxContainerConfig {
-                        security_context: Some(LinuxContainerSecurityContext {
-                            namespace_options: Some(pod_namespaces()),
-                        }),
-                    }),
-                    ..Default::default()
-                }),
-                sandbox_config: Some(config.clone()),
-            };
-            let cid = deadline("CreateContainer", c.create_container(req))
-                .await
-                .with_context(|| format!("cri: CreateContainer {} in {id}", cdef.name))?;
-            self.created.lock().unwrap().containers.insert(cid.clone());
-            deadline("StartContainer", c.start_container(&cid))
-                .await
-                .with_context(|| format!("cri: StartContainer {} in {id}", cdef.name))?;
-            containers.push(cid);
+            containers.push(self.start_container(&c, &id, def, &config, cdef).await?);
         }
         Ok(Pod {
             id,
@@ -799,6 +791,87 @@ disabled_plugins = [
             netns,
             containers,
         })
+    }
+
+    /// CreateContainer + StartContainer of `cdef` in the sandbox `id` made from `def`.
+    async fn start_container(
+        &self,
+        c: &RuntimeClient,
+        id: &str,
+        def: &PodDef,
+        config: &PodSandboxConfig,
+        cdef: &ContainerDef,
+    ) -> Result<String> {
+        let mut security = cdef.security.clone().unwrap_or_default();
+        security.namespace_options = Some(pod_namespaces(def.host_network));
+        let req = CreateContainerRequest {
+            pod_sandbox_id: id.into(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: cdef.name.clone(),
+                    attempt: 0,
+                }),
+                image: Some(ImageSpec {
+                    image: cdef.image.clone().unwrap_or_else(|| APP_IMAGE.into()),
+                }),
+                command: cdef.command.clone(),
+                args: cdef.args.clone(),
+                envs: cdef
+                    .env
+                    .iter()
+                    .map(|(k, v)| KeyValue {
+                        key: k.clone(),
+                        value: v.clone(),
+                    })
+                    .collect(),
+                mounts: cdef.mounts.clone(),
+                log_path: format!("{}/0.log", cdef.name),
+                linux: Some(LinuxContainerConfig {
+                    security_context: Some(security),
+                }),
+                ..Default::default()
+            }),
+            sandbox_config: Some(config.clone()),
+        };
+        let cid = deadline("CreateContainer", c.create_container(req))
+            .await
+            .with_context(|| format!("cri: CreateContainer {} in {id}", cdef.name))?;
+        self.created.lock().unwrap().containers.insert(cid.clone());
+        deadline("StartContainer", c.start_container(&cid))
+            .await
+            .with_context(|| format!("cri: StartContainer {} in {id}", cdef.name))?;
+        Ok(cid)
+    }
+
+    /// Adds a container to the running sandbox of `pod` (made from `def`); returns its id.
+    pub fn add_container(&self, pod: &Pod, def: &PodDef, cdef: &ContainerDef) -> Result<String> {
+        let c = self.client()?;
+        let config = self.sandbox_config(def)?;
+        self.block_on(self.start_container(&c, &pod.id, def, &config, cdef))
+    }
+
+    /// ContainerStatus: state (`api::container_state`), exit code, reason.
+    pub fn container_status(&self, id: &str) -> Result<api::ContainerStatus> {
+        let c = self.client()?;
+        self.block_on(deadline("ContainerStatus", c.container_status(id)))
+            .with_context(|| format!("cri: ContainerStatus {id}"))
+    }
+
+    /// What container `name` of `def`'s pod wrote (the CRI log file, one line per
+    /// output line with a timestamp and stream prefix).
+    pub fn container_log(&self, def: &PodDef, name: &str) -> String {
+        let path = self
+            .dir
+            .join("pods")
+            .join(format!("{}_{}_{}", def.namespace, def.name, def.uid))
+            .join(name)
+            .join("0.log");
+        fs::read_to_string(path).unwrap_or_default()
+    }
+
+    /// Imports an OCI image-layout tar (made with `crate::oci`) into the CRI's namespace.
+    pub fn import_image(&self, tar: &[u8]) -> Result<()> {
+        image::import_tar(&self.socket(), &self.dir, tar)
     }
 
     /// StopPodSandbox (CNI DEL with the netns and the cached result), as the kubelet does
@@ -941,9 +1014,13 @@ impl Drop for Runtime {
 }
 
 /// Network and IPC shared by the pod, PID per container: a kubelet's default pod.
-fn pod_namespaces() -> NamespaceOption {
+fn pod_namespaces(host_network: bool) -> NamespaceOption {
     NamespaceOption {
-        network: namespace_mode::POD,
+        network: if host_network {
+            namespace_mode::NODE
+        } else {
+            namespace_mode::POD
+        },
         pid: namespace_mode::CONTAINER,
         ipc: namespace_mode::POD,
         target_id: String::new(),

@@ -3,6 +3,9 @@
 //! apps, and helpers to look at what the kernel holds. Everything is removed on drop,
 //! on failure too.
 
+/// The agent's image, built by the code of `cargo xtask image` (shared as source).
+#[path = "../../xtask/src/image.rs"]
+pub mod agent_image;
 pub mod capture;
 pub mod cluster;
 pub mod cri;
@@ -488,6 +491,14 @@ impl Drop for AppCgroup {
 }
 
 /// The `redirect-user` binary (built by `cargo xtask test` before the tests run).
+/// The workspace's root directory (for [`agent_image`]).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .to_path_buf()
+}
+
 pub fn redirect_user_bin() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("REDIRECT_USER_BIN") {
         return Ok(p.into());

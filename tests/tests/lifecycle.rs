@@ -397,33 +397,18 @@ fn accept_local(m: &Mesh, pod: &str) -> String {
         .to_string()
 }
 
-/// Runs `f` on a thread of its own that sees `/proc/sys` read-only (a private mount
-/// namespace of that thread alone): every sysctl write made there fails, as on a host
-/// where they are locked. The rest of the process and the machine see no change.
-fn with_sysctls_locked<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    use std::ffi::CString;
+/// Runs `f` on a thread of its own without CAP_NET_ADMIN in its effective set
+/// (threads it starts inherit that): every rtnetlink change made there is refused, as
+/// for an agent granted too little. The rest of the process sees no change.
+fn without_net_admin<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|s| {
         s.spawn(|| {
-            let c = |p: &str| CString::new(p).unwrap();
-            let (root, sys) = (c("/"), c("/proc/sys"));
-            // SAFETY: unshare and mount with valid C strings; they change this thread's
-            // own mount namespace only.
-            unsafe {
-                assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0, "unshare");
-                let flags = libc::MS_REC | libc::MS_PRIVATE;
-                let none = std::ptr::null();
-                assert_eq!(
-                    libc::mount(none, root.as_ptr(), none, flags, none.cast()),
-                    0
-                );
-                let bind = libc::MS_BIND;
-                assert_eq!(
-                    libc::mount(sys.as_ptr(), sys.as_ptr(), none, bind, none.cast()),
-                    0
-                );
-                let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
-                assert_eq!(libc::mount(none, sys.as_ptr(), none, ro, none.cast()), 0);
-            }
+            caps::drop(
+                None,
+                caps::CapSet::Effective,
+                caps::Capability::CAP_NET_ADMIN,
+            )
+            .expect("dropping CAP_NET_ADMIN from this thread");
             f()
         })
         .join()
@@ -460,13 +445,13 @@ fn a_teardown_that_fails_half_way_is_completed_on_retry() {
     m.enrol("a", PodOptions::default()).unwrap();
     assert_eq!(accept_local(&m, "a"), "1");
 
-    // accept_local cannot be restored: the un-enrolment fails half-way.
-    let err = with_sysctls_locked(|| m.engine.unenrol("a")).unwrap_err();
+    // Nothing in the pod's namespace can be undone: the un-enrolment fails half-way.
+    let err = without_net_admin(|| m.engine.unenrol("a")).unwrap_err();
     assert!(
         matches!(
             err,
             EnrolError::Step {
-                step: "restore accept_local",
+                step: "delete tc filter",
                 ..
             }
         ),

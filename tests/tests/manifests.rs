@@ -187,13 +187,29 @@ fn the_cluster_role_grants_exactly_what_kubernetes_md_lists() {
     }
 }
 
-/// The capabilities the code needs, by mode (see the comments in the manifests).
+/// The capabilities the code needs, by mode: what `redirect_user::privileges` asks of
+/// it, less those another capability of the set already stands in for (BPF and
+/// PERFMON under SYS_ADMIN, NET_RAW under NET_ADMIN). tests/privileges.rs runs the
+/// image with them.
 fn allowed_caps(agent_only: bool) -> BTreeSet<String> {
-    let mut caps: BTreeSet<String> = ["NET_ADMIN", "SYS_ADMIN", "BPF", "PERFMON", "SYS_PTRACE"]
-        .map(String::from)
-        .into();
-    if !agent_only {
-        caps.insert("NET_RAW".into());
+    use redirect_user::privileges::{Mode, needs};
+    let mode = if agent_only {
+        Mode::NodeAgent
+    } else {
+        Mode::Run
+    };
+    let name = |c: &dyn std::fmt::Display| c.to_string()["CAP_".len()..].to_string();
+    // The needs only one capability meets make the set; it must meet every other.
+    let caps: BTreeSet<String> = needs(mode)
+        .iter()
+        .filter(|n| n.any_of.len() == 1)
+        .map(|n| name(&n.any_of[0]))
+        .collect();
+    for n in needs(mode) {
+        assert!(
+            n.any_of.iter().any(|c| caps.contains(&name(c))),
+            "{mode}: {n} is not met by {caps:?}"
+        );
     }
     caps
 }

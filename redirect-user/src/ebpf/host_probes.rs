@@ -82,6 +82,13 @@ pub(super) fn attach(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<bool, EngineErro
         what: format!("sock_ops on {}", root.display()),
         detail,
     };
+    // A container's own cgroup2 mount under a private cgroup namespace shows only the
+    // container's cgroup: attached there, the program would never see the kubelet.
+    if !super::trust::is_hierarchy_root(&root) {
+        return Err(attach_err(
+            "this is not the root of the cgroup2 hierarchy but a cgroup namespace's view of it (a container with a private cgroup namespace): the kubelet's probes would not be seen; mount the host's /sys/fs/cgroup at /sys/fs/cgroup (a hostPath volume, as deploy/ does)".into(),
+        ));
+    }
     let cg = File::open(&root).map_err(|e| attach_err(e.to_string()))?;
     // A BPF link on a cgroup always lets others attach beside it (several engines:
     // tests, an upgrade's overlap); the kernel takes no flags with it.

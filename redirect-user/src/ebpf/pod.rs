@@ -941,10 +941,6 @@ fn attach_tc(ebpf: &mut Ebpf, prog: &str, iface: &str, ty: TcAttachType) -> Resu
     Ok(())
 }
 
-fn accept_local_path(iface: &str) -> String {
-    format!("/proc/sys/net/ipv4/conf/{iface}/accept_local")
-}
-
 /// Inside the pod namespace: return routing, accept_local, tc filters (egress last,
 /// since it starts steering). Runs on a thread inside the namespace.
 fn apply_in_ns(
@@ -989,15 +985,18 @@ fn apply_in_ns(
             );
         }
     }
+    // Through netlink, not /proc/sys: a container's /proc/sys is read-only.
     for (i, (name, _)) in info.ifaces.iter().enumerate() {
-        let path = accept_local_path(name);
-        let before =
-            std::fs::read_to_string(&path).map_err(|e| err("read accept_local")(e.to_string()))?;
+        let before = nl
+            .accept_local(name)
+            .map_err(|e| err("read accept_local")(e.to_string()))?
+            .ok_or_else(|| err("read accept_local")(format!("no interface {name}")))?;
         // On a re-apply the value read is our own 1: keep the first recorded value.
         if record.accept_local_before[i] == 0 {
-            record.accept_local_before[i] = if before.trim() == "1" { 2 } else { 1 };
+            record.accept_local_before[i] = if before { 2 } else { 1 };
         }
-        std::fs::write(&path, "1").map_err(|e| err("set accept_local")(e.to_string()))?;
+        nl.set_accept_local(name, true)
+            .map_err(|e| err("set accept_local")(e.to_string()))?;
     }
     let targets: Vec<(String, u32)> = info
         .ifaces
@@ -1098,19 +1097,14 @@ fn undo_in_ns(record: &mut PodRecord, uid: &str) -> Result<(), EnrolError> {
         Err(e) => keep("netlink", e.to_string()),
     }
     for (i, name) in &ifaces {
-        let v = match record.accept_local_before[*i] {
-            1 => "0",
-            2 => "1",
+        let on = match record.accept_local_before[*i] {
+            1 => false,
+            2 => true,
             _ => continue,
         };
-        let path = accept_local_path(name);
         // No such interface any more: nothing to restore.
-        if !Path::new(&path).exists() {
-            record.accept_local_before[*i] = 0;
-            continue;
-        }
-        match std::fs::write(&path, v) {
-            Ok(()) => record.accept_local_before[*i] = 0,
+        match Netlink::open().and_then(|mut nl| nl.set_accept_local(name, on)) {
+            Ok(_) => record.accept_local_before[*i] = 0,
             Err(e) => keep("restore accept_local", e.to_string()),
         }
     }

@@ -43,6 +43,8 @@ pub enum TrustError {
         "cgroup {id} is the root of the cgroup2 hierarchy, shared by every process that no one put elsewhere (pods' apps too): trusting it would let any app bypass the proxy with SO_MARK 0x539"
     )]
     Shared { id: u64 },
+    #[error("process {pid} is in no cgroup under {mount}")]
+    NotInMount { pid: String, mount: PathBuf },
     #[error("process {pid} exited while it was being moved into {path}")]
     Gone { pid: i32, path: PathBuf },
 }
@@ -76,6 +78,12 @@ pub fn root_cgroup_id() -> Result<u64, TrustError> {
 }
 
 /// The cgroup v2 directory of a process (`"self"` or a pid).
+///
+/// `/proc/<pid>/cgroup` names it relative to this process's cgroup namespace. In a
+/// container with a private cgroup namespace (containerd's default on cgroup v2) that
+/// is `/`, while the mount (the host's hierarchy, a hostPath volume) shows the host's
+/// root: the path is then checked against the directory's `cgroup.procs`, and when the
+/// process is not there it is looked for in the whole hierarchy.
 pub fn cgroup_dir_of(pid: &str) -> Result<PathBuf, TrustError> {
     let file = PathBuf::from(format!("/proc/{pid}/cgroup"));
     let text = std::fs::read_to_string(&file).map_err(io_at(&file))?;
@@ -84,7 +92,54 @@ pub fn cgroup_dir_of(pid: &str) -> Result<PathBuf, TrustError> {
         return Err(TrustError::OutsideNamespace(rel.into()));
     }
     let mount = cgroup2_mount().ok_or(TrustError::NoCgroup2)?;
-    Ok(mount.join(rel.trim_start_matches('/')))
+    let dir = mount.join(rel.trim_start_matches('/'));
+    let tgid = match pid {
+        "self" => std::process::id(),
+        p => p.parse().unwrap_or(0),
+    };
+    if tgid == 0 || holds(&dir, tgid) {
+        return Ok(dir);
+    }
+    let found = find_member(&mount, tgid).ok_or_else(|| TrustError::NotInMount {
+        pid: pid.into(),
+        mount: mount.clone(),
+    })?;
+    info!(
+        pid,
+        cgroup = %found.display(),
+        "redirect: cgroup found by membership (this process has a cgroup namespace of its own)"
+    );
+    Ok(found)
+}
+
+/// True if `tgid` is listed in `dir/cgroup.procs`.
+fn holds(dir: &Path, tgid: u32) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .is_ok_and(|t| t.lines().any(|l| l.trim().parse() == Ok(tgid)))
+}
+
+/// The cgroup under `mount` whose `cgroup.procs` lists `tgid`.
+fn find_member(mount: &Path, tgid: u32) -> Option<PathBuf> {
+    let mut todo = vec![mount.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        if holds(&dir, tgid) {
+            return Some(dir);
+        }
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            todo.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    None
+}
+
+/// True if `dir` is the root of its cgroup2 hierarchy, not a cgroup namespace's view
+/// of it: the kernel shows `cgroup.type` in every cgroup but the root.
+pub fn is_hierarchy_root(dir: &Path) -> bool {
+    dir.join("cgroup.procs").exists() && !dir.join("cgroup.type").exists()
 }
 
 /// The path of the v2 entry (`0::<path>`) of a `/proc/<pid>/cgroup` file.

@@ -210,10 +210,91 @@ pub struct KeyValue {
     pub value: String,
 }
 
+/// `Capability`: names as Kubernetes writes them (`NET_ADMIN`, `ALL`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Capability {
+    #[prost(string, repeated, tag = "1")]
+    pub add_capabilities: Vec<String>,
+    #[prost(string, repeated, tag = "2")]
+    pub drop_capabilities: Vec<String>,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct LinuxContainerSecurityContext {
+    #[prost(message, optional, tag = "1")]
+    pub capabilities: Option<Capability>,
+    #[prost(bool, tag = "2")]
+    pub privileged: bool,
     #[prost(message, optional, tag = "3")]
     pub namespace_options: Option<NamespaceOption>,
+    #[prost(bool, tag = "7")]
+    pub readonly_rootfs: bool,
+    #[prost(bool, tag = "11")]
+    pub no_new_privs: bool,
+    /// The kubelet sends its defaults for `procMount: Default`; containerd applies
+    /// only what it is sent.
+    #[prost(string, repeated, tag = "13")]
+    pub masked_paths: Vec<String>,
+    #[prost(string, repeated, tag = "14")]
+    pub readonly_paths: Vec<String>,
+}
+
+/// `MountPropagation`.
+pub mod propagation {
+    pub const PRIVATE: i32 = 0;
+    pub const HOST_TO_CONTAINER: i32 = 1;
+    pub const BIDIRECTIONAL: i32 = 2;
+}
+
+/// A host path mounted into a container (a hostPath volume, as the kubelet sends it).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Mount {
+    #[prost(string, tag = "1")]
+    pub container_path: String,
+    #[prost(string, tag = "2")]
+    pub host_path: String,
+    #[prost(bool, tag = "3")]
+    pub readonly: bool,
+    #[prost(int32, tag = "5")]
+    pub propagation: i32,
+}
+
+/// `ContainerState`.
+pub mod container_state {
+    pub const CREATED: i32 = 0;
+    pub const RUNNING: i32 = 1;
+    pub const EXITED: i32 = 2;
+    pub const UNKNOWN: i32 = 3;
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerStatusRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: String,
+    #[prost(bool, tag = "2")]
+    pub verbose: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerStatus {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(int32, tag = "3")]
+    pub state: i32,
+    #[prost(int32, tag = "7")]
+    pub exit_code: i32,
+    #[prost(string, tag = "10")]
+    pub reason: String,
+    #[prost(string, tag = "11")]
+    pub message: String,
+    #[prost(string, tag = "15")]
+    pub log_path: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContainerStatusResponse {
+    #[prost(message, optional, tag = "1")]
+    pub status: Option<ContainerStatus>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -234,6 +315,8 @@ pub struct ContainerConfig {
     pub args: Vec<String>,
     #[prost(message, repeated, tag = "6")]
     pub envs: Vec<KeyValue>,
+    #[prost(message, repeated, tag = "7")]
+    pub mounts: Vec<Mount>,
     #[prost(map = "string, string", tag = "9")]
     pub labels: HashMap<String, String>,
     #[prost(string, tag = "11")]
@@ -449,6 +532,18 @@ impl RuntimeClient {
         self.call::<_, CreateContainerResponse>("/runtime.v1.RuntimeService/CreateContainer", req)
             .await
             .map(|r| r.container_id)
+    }
+
+    pub async fn container_status(&self, id: &str) -> Result<ContainerStatus, tonic::Status> {
+        self.call::<_, ContainerStatusResponse>(
+            "/runtime.v1.RuntimeService/ContainerStatus",
+            ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            },
+        )
+        .await
+        .map(|r| r.status.unwrap_or_default())
     }
 
     pub async fn start_container(&self, id: &str) -> Result<(), tonic::Status> {

@@ -154,8 +154,14 @@ fn is_static_elf(bin: &[u8]) -> bool {
 /// Writes the layout tar into `dir` and imports it into the containerd at `socket`,
 /// in the CRI's namespace.
 pub fn import(socket: &Path, dir: &Path) -> Result<()> {
+    import_tar(socket, dir, layout_tar()?)
+}
+
+/// Imports the image-layout tar `data` into the containerd at `socket`, in the CRI's
+/// namespace (written to `dir` first).
+pub fn import_tar(socket: &Path, dir: &Path, data: &[u8]) -> Result<()> {
     let tar = dir.join("images.tar");
-    std::fs::write(&tar, layout_tar()?)?;
+    std::fs::write(&tar, data)?;
     let out = Command::new("ctr")
         .arg("--address")
         .arg(socket)
