@@ -67,7 +67,10 @@ pub(crate) const SOCKET_SLOTS: [(u16, u32); 5] = [
 pub struct PodOptions {
     /// Capture DNS (UDP and TCP port 53) to the pod's 15053 sockets.
     pub dns_capture: bool,
-    /// Interfaces to attach tc programs to; default: every interface but lo.
+    /// Interfaces to attach tc programs to at enrolment; default: every Ethernet
+    /// interface but lo (at most four). The pod's TCP through any other interface is
+    /// dropped by the guard, until the watcher attaches to it (it does so for every
+    /// Ethernet interface it finds uncovered when the pod's interfaces change).
     pub interfaces: Option<Vec<String>>,
 }
 
