@@ -55,6 +55,10 @@ pub const MAX_PROXY_CGROUPS: u32 = 64;
 pub const MAX_HOST_FLOWS: u32 = 16384;
 /// Network namespaces whose sockets are the node's own (the agent's, normally one).
 pub const MAX_NODE_NETNS: u32 = 16;
+/// Interfaces carrying the tc programs, over all pods (and one wildcard per pod).
+pub const MAX_COVERED: u32 = (MAX_POD_IFACES as u32 + 1) * MAX_PODS;
+/// Index of the loopback interface in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Names of the maps and programs, as pinned under the engine's bpffs directory.
 pub mod names {
@@ -69,11 +73,13 @@ pub mod names {
     pub const STEERED: &str = "steered";
     pub const HOST_FLOWS: &str = "host_flows";
     pub const NODE_NETNS: &str = "node_netns";
+    pub const COVERED: &str = "covered";
+    pub const GUARD_COUNTERS: &str = "guard_counters";
     /// aya-log's ring buffer; pinned so that a restarted loader reads the logs of the
     /// programs an earlier run attached.
     pub const LOGS: &str = "AYA_LOGS";
     /// Every map of the object, all pinned.
-    pub const ALL_MAPS: [&str; 12] = [
+    pub const ALL_MAPS: [&str; 14] = [
         PODS,
         POD_ADDRS,
         LISTENERS,
@@ -85,6 +91,8 @@ pub mod names {
         STEERED,
         HOST_FLOWS,
         NODE_NETNS,
+        COVERED,
+        GUARD_COUNTERS,
         LOGS,
     ];
     pub const PROG_SK_LOOKUP: &str = "redirect_lookup";
@@ -95,6 +103,47 @@ pub mod names {
     /// The node-wide link of `redirect_host_probes` (on the cgroup2 root), pinned as
     /// `node/host_probes` (`links/` holds the pods' links, by uid).
     pub const LINK_HOST_PROBES: &str = "host_probes";
+    pub const PROG_GUARD: &str = "redirect_guard";
+    /// The node-wide link of `redirect_guard` (cgroup_skb egress on the cgroup2 root),
+    /// pinned as `node/guard`.
+    pub const LINK_GUARD: &str = "guard";
+}
+
+/// An interface of an enrolled pod whose tc programs are attached (`covered` map).
+/// `ifindex` 0 stands for every interface of the pod: pods enrolled by a version that
+/// kept no such entries, until they are taken back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IfaceKey {
+    pub netns: u64,
+    pub ifindex: u32,
+    pub _pad: u32,
+}
+
+/// Per-pod, per-CPU counters of the guard: what the cgroup egress program and the
+/// route check of tc egress dropped. A map of its own, so that pinned `counters` keep
+/// their layout across upgrades.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+pub struct GuardCounters {
+    /// TCP (and captured DNS) of the pod's app leaving through an interface that does
+    /// not carry our tc programs (not yet, or never: L3 devices): dropped.
+    pub dropped_uncovered: u64,
+    /// Packets of a connection whose SYN left without tc steering it (our tc filter
+    /// was removed from inside the pod): dropped, so the connection never completes.
+    pub dropped_unsteered: u64,
+    /// New connections whose steered SYN would have been forwarded instead of
+    /// delivered locally (our rule or route removed, forwarding on): dropped.
+    pub dropped_unrouted: u64,
+}
+
+impl GuardCounters {
+    pub fn add(&mut self, o: &GuardCounters) {
+        self.dropped_uncovered += o.dropped_uncovered;
+        self.dropped_unsteered += o.dropped_unsteered;
+        self.dropped_unrouted += o.dropped_unrouted;
+    }
 }
 
 /// `PodConfig::flags`: capture DNS (port 53, UDP and TCP) to the pod's 15053 sockets.
@@ -279,4 +328,6 @@ mod user {
     unsafe impl aya::Pod for PodCounters {}
     unsafe impl aya::Pod for PodUid {}
     unsafe impl aya::Pod for PodRecord {}
+    unsafe impl aya::Pod for IfaceKey {}
+    unsafe impl aya::Pod for GuardCounters {}
 }

@@ -7,8 +7,8 @@ use aya_ebpf::{
     },
     btf_maps::{HashMap, LruHashMap, PerCpuArray, SkStorage},
     helpers::generated as h,
-    macros::{btf_map, classifier, sk_lookup, sock_ops},
-    programs::{SkLookupContext, SockOpsContext, TcContext},
+    macros::{btf_map, cgroup_skb, classifier, sk_lookup, sock_ops},
+    programs::{SkBuffContext, SkLookupContext, SockOpsContext, TcContext},
 };
 use aya_log_ebpf::warn;
 use redirect_ebpf::*;
@@ -95,6 +95,19 @@ static POD_INDEX: HashMap<PodUid, PodRecord, { MAX_PODS as usize }> = HashMap::n
 static STEERED: SkStorage<u32> = SkStorage::new();
 const STEER: u32 = 1;
 const PASS: u32 = 2;
+/// Written by the guard at a connecting socket's SYN, before tc sees it: tc egress
+/// replaces it with its decision. A connection still `PENDING` once past its SYN left
+/// without tc (our filter removed from inside the pod) and is dropped.
+const PENDING: u32 = 3;
+
+/// Interfaces of enrolled pods that carry our tc programs: the guard lets the pod's TCP
+/// leave only through these (and lo).
+#[btf_map(name = "covered")]
+static COVERED: HashMap<IfaceKey, u32, { MAX_COVERED as usize }> = HashMap::new();
+
+/// Per-pod, per-CPU counters of the guard, indexed like `counters`.
+#[btf_map(name = "guard_counters")]
+static GUARD_COUNTERS: PerCpuArray<GuardCounters, { MAX_PODS as usize }> = PerCpuArray::new();
 
 // ---------------------------------------------------------------------------------
 // Small helpers.
@@ -122,6 +135,14 @@ const FLOW_PROXY: u32 = 0;
 #[inline(always)]
 fn count(id: u32, f: impl FnOnce(&mut PodCounters)) {
     if let Some(c) = COUNTERS.get_ptr_mut(id) {
+        // SAFETY: a per-CPU slot, only this CPU writes it while the program runs.
+        f(unsafe { &mut *c });
+    }
+}
+
+#[inline(always)]
+fn count_guard(id: u32, f: impl FnOnce(&mut GuardCounters)) {
+    if let Some(c) = GUARD_COUNTERS.get_ptr_mut(id) {
         // SAFETY: a per-CPU slot, only this CPU writes it while the program runs.
         f(unsafe { &mut *c });
     }
@@ -608,7 +629,8 @@ fn decision(sk: *mut bpf_sock) -> Option<u32> {
     }
 }
 
-/// Keeps a decision for the socket (the first one taken stays). False if it could not.
+/// Keeps a decision for the socket (the first one taken stays, but for the guard's
+/// `PENDING`, which tc's decision replaces). False if it could not.
 #[inline(always)]
 fn decide(sk: *mut bpf_sock, mut what: u32) -> bool {
     // SAFETY: a full socket from bpf_sk_fullsock; the value is copied in on creation.
@@ -619,8 +641,17 @@ fn decide(sk: *mut bpf_sock, mut what: u32) -> bool {
             &mut what as *mut u32 as *mut c_void,
             BPF_SK_STORAGE_GET_F_CREATE as u64,
         )
-    };
-    !v.is_null()
+    } as *mut u32;
+    if v.is_null() {
+        return false;
+    }
+    // SAFETY: the socket's own storage, 4 bytes.
+    unsafe {
+        if *v == PENDING {
+            *v = what;
+        }
+    }
+    true
 }
 
 /// Send the packet back into the pod: same interface, ingress side, marked so that the
@@ -652,10 +683,74 @@ fn steer_new(ctx: &mut TcContext, p: &Packet, netns: u64, pod: &PodConfig, kind:
         count(pod.id, |c| c.dropped_spoofed += 1);
         return TC_ACT_SHOT;
     }
+    if would_forward(ctx, p) {
+        count_guard(pod.id, |c| c.dropped_unrouted += 1);
+        warn!(
+            ctx,
+            "redirect: pod {}: the return rule or route is missing, new connection dropped", pod.id
+        );
+        return TC_ACT_SHOT;
+    }
     if !note_flow(ctx, p, netns, pod.id, kind) {
         return TC_ACT_SHOT;
     }
     steer_into_pod(ctx, pod)
+}
+
+/// `struct bpf_fib_lookup` (64 bytes): the input fields used here, and the union of
+/// `mark` (input) with the MAC addresses (output).
+#[repr(C)]
+struct FibLookup {
+    family: u8,
+    l4_protocol: u8,
+    sport: u16,
+    dport: u16,
+    tot_len: u16,
+    ifindex: u32,
+    flowinfo: u32,
+    src: [u32; 4],
+    dst: [u32; 4],
+    vlan_or_tbid: u32,
+    mark_or_macs: [u32; 3],
+}
+const BPF_FIB_LOOKUP_SKIP_NEIGH: u64 = 1 << 2;
+const BPF_FIB_LOOKUP_MARK: u64 = 1 << 5;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
+
+/// Would the kernel forward this packet, steered back in with the return mark, rather
+/// than deliver it locally? It does when our rule or route is gone (or overridden) and
+/// forwarding is on: the connection would then leave unproxied. The routing tables are
+/// the pod's, so this is asked of them, once per new connection.
+#[inline(always)]
+fn would_forward(ctx: &TcContext, p: &Packet) -> bool {
+    let mut f = FibLookup {
+        family: p.family as u8,
+        l4_protocol: p.proto as u8,
+        sport: p.sport.to_be(),
+        dport: p.dport.to_be(),
+        tot_len: 0,
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        flowinfo: 0,
+        src: p.src,
+        dst: p.dst,
+        vlan_or_tbid: 0,
+        mark_or_macs: [RETURN_MARK, 0, 0],
+    };
+    // SAFETY: f is a bpf_fib_lookup of the size given.
+    let r = unsafe {
+        h::bpf_fib_lookup(
+            ctx.skb.skb as *mut c_void,
+            &mut f as *mut FibLookup as *mut _,
+            size_of::<FibLookup>() as i32,
+            (BPF_FIB_LOOKUP_MARK | BPF_FIB_LOOKUP_SKIP_NEIGH) as u32,
+        )
+    };
+    matches!(
+        r,
+        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FRAG_NEEDED
+    )
 }
 
 // ---------------------------------------------------------------------------------
@@ -698,6 +793,9 @@ pub fn redirect_egress(mut ctx: TcContext) -> i32 {
         // A new connection. Row 4: probes.
         if is_probe(p.family, &p.dst) {
             count(pod.id, |c| c.bypassed_probe += 1);
+            if sender == SENDER_TCP {
+                decide(sk, PASS);
+            }
             return TC_ACT_OK;
         }
         // Row 3 (and 8, TCP side). A kernel TCP socket keeps the decision, so that
@@ -721,6 +819,11 @@ pub fn redirect_egress(mut ctx: TcContext) -> i32 {
         // before enrolment (row 10) is untouched.
         return match decision(sk) {
             Some(STEER) => steer_into_pod(&mut ctx, &pod),
+            // Its SYN left before our filter was back in place: never let it go on.
+            Some(PENDING) => {
+                count_guard(pod.id, |c| c.dropped_unsteered += 1);
+                TC_ACT_SHOT
+            }
             Some(_) => TC_ACT_OK,
             None if !p.l4 => {
                 if unsafe { (*sk).state } == TCP_SYN_SENT {
@@ -814,6 +917,137 @@ pub fn redirect_loopback(ctx: TcContext) -> i32 {
     };
     note_flow(&ctx, &p, netns, pod, kind);
     TC_ACT_OK
+}
+
+// ---------------------------------------------------------------------------------
+// cgroup_skb egress on the cgroup2 root: the guard.
+//
+// tc egress steers only on the interfaces it is attached to. An interface that appears
+// in an enrolled pod later (a second veth, a macvlan, a tun or wireguard device) has no
+// filter until the engine attaches one, and an app holding CAP_NET_ADMIN can delete a
+// filter. This program runs for every packet a socket sends, whatever its interface,
+// before tc, and cannot be removed from inside a pod: the pod's TCP (and captured DNS)
+// leaves only through an interface listed in `covered` (or lo); a connection whose SYN
+// passed here but was not taken by tc egress is stopped at its next packet.
+// ---------------------------------------------------------------------------------
+
+const GUARD_PASS: i32 = 1;
+const GUARD_DROP: i32 = 0;
+
+#[cgroup_skb(egress)]
+pub fn redirect_guard(ctx: SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: the helper reads the packet's socket.
+    let netns = unsafe { h::bpf_get_netns_cookie(skb as *mut c_void) };
+    let Some(pod) = pod_config(netns) else {
+        return GUARD_PASS;
+    };
+    let ifindex = unsafe { (*skb).ifindex };
+    if ifindex == LOOPBACK_IFINDEX {
+        return GUARD_PASS;
+    }
+    // Rows 6 and 7: the proxy's own sockets go where their routes say.
+    let mark = unsafe { (*skb).mark };
+    if mark & MARK_MASK == PROXY_MARK {
+        let cgroup = unsafe { h::bpf_skb_cgroup_id(skb) };
+        if PROXY_CGROUPS.get_ptr(&cgroup).is_some() || PROXY_CGROUPS.get_ptr(&0u64).is_some() {
+            return GUARD_PASS;
+        }
+    }
+    let covered = COVERED
+        .get_ptr(&IfaceKey {
+            netns,
+            ifindex,
+            _pad: 0,
+        })
+        .is_some()
+        || COVERED
+            .get_ptr(&IfaceKey {
+                netns,
+                ifindex: 0,
+                _pad: 0,
+            })
+            .is_some();
+    if !covered {
+        // The packet starts at its IP header here.
+        let Ok(first) = ctx.load::<u8>(0) else {
+            count_guard(pod.id, |c| c.dropped_uncovered += 1);
+            return GUARD_DROP;
+        };
+        let (proto, l4) = match first >> 4 {
+            4 => {
+                let Ok(proto) = ctx.load::<u8>(9) else {
+                    return GUARD_DROP;
+                };
+                let frag = u16::from_be(ctx.load::<u16>(6).unwrap_or(0));
+                let l4 = ((first & 0xf) as usize) * 4;
+                (proto as u32, if frag & 0x1fff == 0 { l4 } else { 0 })
+            }
+            6 => {
+                let Ok(next) = ctx.load::<u8>(6) else {
+                    return GUARD_DROP;
+                };
+                match next as u32 {
+                    IPPROTO_TCP | IPPROTO_UDP => (next as u32, 40),
+                    // Behind extension headers: could be TCP.
+                    _ if matches!(next, 0 | 43 | 44 | 51 | 60) => (PROTO_UNKNOWN, 0),
+                    p => (p, 0),
+                }
+            }
+            _ => (PROTO_UNKNOWN, 0),
+        };
+        // Captured DNS: a datagram to port 53, or a later fragment (which could be one).
+        let dns = pod.flags & POD_DNS_CAPTURE != 0
+            && proto == IPPROTO_UDP
+            && (l4 == 0 || ctx.load::<u16>(l4 + 2).map(u16::from_be) == Ok(DNS_PORT));
+        if proto == IPPROTO_TCP || proto == PROTO_UNKNOWN || dns {
+            count_guard(pod.id, |c| c.dropped_uncovered += 1);
+            return GUARD_DROP;
+        }
+        return GUARD_PASS;
+    }
+    // A covered interface: tc egress steers what must be. A connecting socket is noted
+    // as pending at its SYN, which tc replaces with its decision; past the SYN, a
+    // socket still pending was never taken by tc (its filter was removed).
+    let (sender, sk) = guard_sender(skb);
+    if sender != SENDER_TCP {
+        return GUARD_PASS;
+    }
+    let state = unsafe { (*sk).state };
+    match decision(sk) {
+        None if state == TCP_SYN_SENT => {
+            if !decide(sk, PENDING) {
+                count_guard(pod.id, |c| c.dropped_unsteered += 1);
+                return GUARD_DROP;
+            }
+            GUARD_PASS
+        }
+        Some(PENDING) if state != TCP_SYN_SENT => {
+            count_guard(pod.id, |c| c.dropped_unsteered += 1);
+            GUARD_DROP
+        }
+        _ => GUARD_PASS,
+    }
+}
+
+/// The packet's socket if it is a kernel TCP socket (see `sender`).
+#[inline(always)]
+fn guard_sender(skb: *mut aya_ebpf::bindings::__sk_buff) -> (u32, *mut bpf_sock) {
+    // SAFETY: skb->sk as the verifier types it (a socket or null); fullsock narrows it.
+    unsafe {
+        let sk = (*skb).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return (SENDER_OTHER, core::ptr::null_mut());
+        }
+        let full = h::bpf_sk_fullsock(sk);
+        if full.is_null() {
+            return (SENDER_OTHER, core::ptr::null_mut());
+        }
+        match ((*full).type_, (*full).protocol) {
+            (SOCK_STREAM, IPPROTO_TCP) => (SENDER_TCP, full),
+            _ => (SENDER_OTHER, core::ptr::null_mut()),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage},
-    link::{AfSpecInet, AfSpecUnspec, LinkAttribute, LinkFlags, LinkMessage},
+    link::{AfSpecInet, AfSpecUnspec, LinkAttribute, LinkFlags, LinkLayerType, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
     rule::{RuleAction, RuleAttribute, RuleMessage},
     tc::{TcAttribute, TcHandle, TcMessage},
@@ -37,6 +37,10 @@ pub struct Link {
     pub index: u32,
     pub name: String,
     pub loopback: bool,
+    /// Frames carry an Ethernet header (veth, macvlan, ipvlan, bridge, dummy...), as
+    /// the tc programs need to bounce a packet back in; tun, wireguard, ipip, gre and
+    /// the like carry bare IP.
+    pub ether: bool,
 }
 
 pub struct Netlink {
@@ -130,6 +134,7 @@ impl Netlink {
             .map(|l| Link {
                 index: l.header.index,
                 loopback: l.header.flags.contains(LinkFlags::Loopback),
+                ether: l.header.link_layer_type == LinkLayerType::Ether,
                 name: l
                     .attributes
                     .iter()
@@ -405,5 +410,132 @@ fn ignore_missing(r: Result<Vec<RouteNetlinkMessage>, NetlinkError>) -> Result<b
             Ok(false)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// What changed in a namespace, as told by its rtnetlink events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// An interface appeared, went or changed.
+    pub links: bool,
+    /// An address was added or removed.
+    pub addrs: bool,
+    /// A routing rule, or a route of `table`, was removed.
+    pub routing: bool,
+    /// A tc filter or qdisc was removed.
+    pub tc: bool,
+}
+
+impl Changes {
+    pub const ALL: Changes = Changes {
+        links: true,
+        addrs: true,
+        routing: true,
+        tc: true,
+    };
+
+    pub fn any(&self) -> bool {
+        self.links || self.addrs || self.routing || self.tc
+    }
+
+    fn merge(&mut self, o: Changes) {
+        self.links |= o.links;
+        self.addrs |= o.addrs;
+        self.routing |= o.routing;
+        self.tc |= o.tc;
+    }
+}
+
+// rtnetlink multicast groups (RTMGRP_* bits; RTNLGRP_IPV6_RULE = 19).
+const GROUPS: u32 = 0x1 // link
+    | 0x8 // tc
+    | 0x10 // ipv4 addresses
+    | 0x40 // ipv4 routes
+    | 0x80 // ipv4 rules
+    | 0x100 // ipv6 addresses
+    | 0x400 // ipv6 routes
+    | (1 << 18); // ipv6 rules
+
+/// A socket subscribed to a namespace's link, address, rule, route and tc events. Opened
+/// in the namespace (it stays bound to it wherever it is read from); non-blocking.
+pub struct Watch {
+    sock: Socket,
+    /// Routes of this table matter (ours); others are ignored.
+    table: u32,
+}
+
+impl Watch {
+    /// Subscribes in the calling thread's namespace.
+    pub fn open(table: u32) -> Result<Self, NetlinkError> {
+        let mut sock = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket)?;
+        sock.bind(&SocketAddr::new(0, GROUPS))
+            .map_err(NetlinkError::Socket)?;
+        sock.set_non_blocking(true).map_err(NetlinkError::Socket)?;
+        // Bursts (an interface going with its addresses and routes) fit; an overflow
+        // still tells us to look at everything again.
+        let _ = sock.set_rx_buf_sz(1 << 20);
+        Ok(Self { sock, table })
+    }
+
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.sock.as_raw_fd()
+    }
+
+    /// Reads every event queued and says what they changed. Events lost to an overflow
+    /// (ENOBUFS) or that cannot be decoded count as everything changed.
+    pub fn drain(&mut self) -> Changes {
+        let mut out = Changes::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match self.sock.recv(&mut &mut buf[..], 0) {
+                Ok(0) => return out,
+                Ok(n) => out.merge(self.classify(&buf[..n])),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return out,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // ENOBUFS (events were lost) or anything else: look again at everything.
+                Err(_) => return Changes::ALL,
+            }
+        }
+    }
+
+    fn classify(&self, mut data: &[u8]) -> Changes {
+        let mut out = Changes::default();
+        while !data.is_empty() {
+            let Ok(m) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(data) else {
+                return Changes::ALL;
+            };
+            let len = (m.header.length as usize).max(1).min(data.len());
+            data = &data[len..];
+            let NetlinkPayload::InnerMessage(inner) = m.payload else {
+                continue;
+            };
+            match inner {
+                RouteNetlinkMessage::NewLink(_) | RouteNetlinkMessage::DelLink(_) => {
+                    out.links = true
+                }
+                RouteNetlinkMessage::NewAddress(_) | RouteNetlinkMessage::DelAddress(_) => {
+                    out.addrs = true
+                }
+                RouteNetlinkMessage::DelRule(_) => out.routing = true,
+                RouteNetlinkMessage::DelRoute(r) => {
+                    let table = r
+                        .attributes
+                        .iter()
+                        .find_map(|a| match a {
+                            RouteAttribute::Table(t) => Some(*t),
+                            _ => None,
+                        })
+                        .unwrap_or(u32::from(r.header.table));
+                    if table == self.table {
+                        out.routing = true;
+                    }
+                }
+                RouteNetlinkMessage::DelTrafficFilter(_)
+                | RouteNetlinkMessage::DelQueueDiscipline(_) => out.tc = true,
+                _ => {}
+            }
+        }
+        out
     }
 }

@@ -94,6 +94,24 @@ const HELPERS: &[(ProgramType, &str, BpfHelper, &str)] = &[
         BpfHelper::BPF_FUNC_skb_store_bytes,
         "bpf_skb_store_bytes",
     ),
+    (
+        ProgramType::SchedClassifier,
+        "tc",
+        BpfHelper::BPF_FUNC_fib_lookup,
+        "bpf_fib_lookup",
+    ),
+    (
+        ProgramType::CgroupSkb,
+        "cgroup_skb",
+        BpfHelper::BPF_FUNC_get_netns_cookie,
+        "bpf_get_netns_cookie",
+    ),
+    (
+        ProgramType::CgroupSkb,
+        "cgroup_skb",
+        BpfHelper::BPF_FUNC_sk_storage_get,
+        "bpf_sk_storage_get",
+    ),
 ];
 
 /// Checks bpffs at `pin_root`'s mount, kernel BTF, the program types and every helper.
@@ -127,6 +145,11 @@ pub fn check_kernel(pin_root: &Path) -> Result<(), KernelCheckError> {
         (
             ProgramType::SockOps,
             "sock_ops programs (the kubelet's probes)",
+            "CONFIG_CGROUP_BPF",
+        ),
+        (
+            ProgramType::CgroupSkb,
+            "cgroup_skb programs (the guard of interfaces added to pods)",
             "CONFIG_CGROUP_BPF",
         ),
     ] {

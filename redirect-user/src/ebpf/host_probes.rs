@@ -44,24 +44,85 @@ pub(super) fn attach(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<bool, EngineErro
         .try_into()
         .map_err(err)?;
     prog.load().map_err(err)?;
+    let attached = attach_on_root(
+        name,
+        prog,
+        &link_pin(pin_dir),
+        pin_dir,
+        |p: &mut SockOps, cg| {
+            let id = p.attach(cg, CgroupAttachMode::Single)?;
+            p.take_link(id)?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| {
+                    aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string()))
+                })
+        },
+    )?;
+    if !attached {
+        warn!(
+            "redirect: no cgroup2 filesystem mounted: kubelet probes from the node cannot be told from forwarded traffic and are redirected like any client"
+        );
+    }
+    Ok(attached)
+}
+
+/// A program that can be pinned and handed to the kernel by fd (the node-wide ones).
+pub(super) trait NodeProgram {
+    fn pin_to(&mut self, path: &Path) -> Result<(), aya::pin::PinError>;
+    fn prog_fd(&self) -> Result<std::os::fd::OwnedFd, aya::programs::ProgramError>;
+}
+
+impl NodeProgram for SockOps {
+    fn pin_to(&mut self, path: &Path) -> Result<(), aya::pin::PinError> {
+        self.pin(path)
+    }
+    fn prog_fd(&self) -> Result<std::os::fd::OwnedFd, aya::programs::ProgramError> {
+        self.fd()?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(aya::programs::ProgramError::IOError)
+    }
+}
+
+impl NodeProgram for aya::programs::CgroupSkb {
+    fn pin_to(&mut self, path: &Path) -> Result<(), aya::pin::PinError> {
+        self.pin(path)
+    }
+    fn prog_fd(&self) -> Result<std::os::fd::OwnedFd, aya::programs::ProgramError> {
+        self.fd()?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(aya::programs::ProgramError::IOError)
+    }
+}
+
+/// Pins a loaded node-wide program as `progs/<name>` and attaches it to the cgroup2
+/// root as the link pinned at `pin`; a link an earlier run pinned there is pointed at
+/// this program (BPF_LINK_UPDATE) instead. False when no cgroup2 filesystem is mounted.
+pub(super) fn attach_on_root<P: NodeProgram>(
+    name: &'static str,
+    prog: &mut P,
+    pin: &Path,
+    pin_dir: &Path,
+    attach: impl FnOnce(&mut P, File) -> Result<FdLink, aya::programs::ProgramError>,
+) -> Result<bool, EngineError> {
+    let err = |source| EngineError::Program { name, source };
     let prog_path = pin_dir.join("progs").join(name);
     let _ = std::fs::remove_file(&prog_path);
-    prog.pin(&prog_path).map_err(|source| EngineError::Pin {
+    prog.pin_to(&prog_path).map_err(|source| EngineError::Pin {
         what: prog_path.display().to_string(),
         source,
     })?;
-
-    let pin = link_pin(pin_dir);
-    match pod::bpf_obj_get(&pin) {
+    match pod::bpf_obj_get(pin) {
         Ok(link) => {
-            let prog_fd = prog.fd().map_err(err)?;
+            let prog_fd = prog.prog_fd().map_err(err)?;
             pod::bpf_link_update(link.as_fd(), prog_fd.as_fd()).map_err(|e| {
                 EngineError::Attach {
                     what: format!("{} (BPF_LINK_UPDATE)", pin.display()),
                     detail: e.to_string(),
                 }
             })?;
-            info!(link = %pin.display(), "redirect: host probe link taken over");
+            info!(link = %pin.display(), program = name, "redirect: node link taken over");
             return Ok(true);
         }
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
@@ -73,13 +134,10 @@ pub(super) fn attach(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<bool, EngineErro
         }
     }
     let Some(root) = super::trust::cgroup2_mount() else {
-        warn!(
-            "redirect: no cgroup2 filesystem mounted: kubelet probes from the node cannot be told from forwarded traffic and are redirected like any client"
-        );
         return Ok(false);
     };
     let attach_err = |detail: String| EngineError::Attach {
-        what: format!("sock_ops on {}", root.display()),
+        what: format!("{name} on {}", root.display()),
         detail,
     };
     // A container's own cgroup2 mount under a private cgroup namespace shows only the
@@ -92,22 +150,17 @@ pub(super) fn attach(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<bool, EngineErro
     let cg = File::open(&root).map_err(|e| attach_err(e.to_string()))?;
     // A BPF link on a cgroup always lets others attach beside it (several engines:
     // tests, an upgrade's overlap); the kernel takes no flags with it.
-    let id = prog.attach(cg, CgroupAttachMode::Single).map_err(|e| {
+    let link = attach(prog, cg).map_err(|e| {
         use std::error::Error as _;
         attach_err(match e.source() {
             Some(s) => format!("{e}: {s}"),
             None => e.to_string(),
         })
     })?;
-    let link: FdLink = prog
-        .take_link(id)
-        .map_err(|e| attach_err(e.to_string()))?
-        .try_into()
-        .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
     if let Some(dir) = pin.parent() {
         std::fs::create_dir_all(dir).map_err(|e| attach_err(e.to_string()))?;
     }
-    link.pin(&pin).map_err(|e| attach_err(e.to_string()))?;
-    info!(cgroup = %root.display(), link = %pin.display(), "redirect: host probe link attached");
+    link.pin(pin).map_err(|e| attach_err(e.to_string()))?;
+    info!(cgroup = %root.display(), link = %pin.display(), program = name, "redirect: node link attached");
     Ok(true)
 }

@@ -7,7 +7,8 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use redirect_ebpf::{
-    AddrKey, ListenerKey, PodAddr, PodConfig, PodCounters, PodRecord, PodUid, names,
+    AddrKey, GuardCounters, IfaceKey, ListenerKey, PodAddr, PodConfig, PodCounters, PodRecord,
+    PodUid, names,
 };
 
 pub struct Maps {
@@ -19,6 +20,10 @@ pub struct Maps {
     pub counters: PerCpuArray<MapData, PodCounters>,
     pub pod_index: HashMap<MapData, PodUid, PodRecord>,
     pub node_netns: HashMap<MapData, u64, u8>,
+    /// The pods' interfaces that carry the tc programs: the guard lets a pod's TCP out
+    /// through these only.
+    pub covered: HashMap<MapData, IfaceKey, u32>,
+    pub guard_counters: PerCpuArray<MapData, GuardCounters>,
     max_pods: u32,
 }
 
@@ -49,6 +54,8 @@ impl Maps {
             counters: take(ebpf, names::COUNTERS)?,
             pod_index: take(ebpf, names::POD_INDEX)?,
             node_netns: take(ebpf, names::NODE_NETNS)?,
+            covered: take(ebpf, names::COVERED)?,
+            guard_counters: take(ebpf, names::GUARD_COUNTERS)?,
             max_pods,
         })
     }
@@ -105,9 +112,57 @@ impl Maps {
             id,
             PerCpuValues::try_from(vec![PodCounters::default(); n])?,
             0,
+        )?;
+        self.guard_counters.set(
+            id,
+            PerCpuValues::try_from(vec![GuardCounters::default(); n])?,
+            0,
         )
     }
 
+    pub fn read_guard_counters(&self, id: u32) -> Result<GuardCounters, MapError> {
+        let mut total = GuardCounters::default();
+        for c in self.guard_counters.get(&id, 0)?.iter() {
+            total.add(c);
+        }
+        Ok(total)
+    }
+
+    /// The covered interfaces of a namespace (the wildcard 0 included).
+    pub fn covered_of(&self, netns: u64) -> Vec<u32> {
+        self.covered
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns == netns)
+            .map(|k| k.ifindex)
+            .collect()
+    }
+
+    pub fn cover(&mut self, netns: u64, ifindex: u32) -> Result<(), MapError> {
+        self.covered.insert(iface_key(netns, ifindex), 1, 0)
+    }
+
+    pub fn uncover(&mut self, netns: u64, ifindex: u32) {
+        let _ = self.covered.remove(&iface_key(netns, ifindex));
+    }
+
+    /// Removes every covered entry of a namespace.
+    pub fn uncover_all(&mut self, netns: u64) {
+        for i in self.covered_of(netns) {
+            self.uncover(netns, i);
+        }
+    }
+}
+
+pub fn iface_key(netns: u64, ifindex: u32) -> IfaceKey {
+    IfaceKey {
+        netns,
+        ifindex,
+        _pad: 0,
+    }
+}
+
+impl Maps {
     pub fn read_counters(&self, id: u32) -> Result<PodCounters, MapError> {
         let mut total = PodCounters::default();
         for c in self.counters.get(&id, 0)?.iter() {

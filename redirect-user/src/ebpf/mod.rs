@@ -6,24 +6,31 @@
 //! ```text
 //! maps/{pods,pod_addrs,listeners,flows,proxy_flows,proxy_cgroups,counters,pod_index,steered,
 //!      host_flows,node_netns,AYA_LOGS}
-//! progs/{redirect_lookup,redirect_egress,redirect_ingress,redirect_loopback,redirect_host_probes}
+//! progs/{redirect_lookup,redirect_egress,redirect_ingress,redirect_loopback,redirect_host_probes,
+//!       redirect_guard}
 //! links/<pod uid>          the pod's sk_lookup link
 //! node/host_probes         sock_ops on the cgroup2 root: the node's probes (host_probes.rs)
+//! node/guard               cgroup_skb egress on the cgroup2 root: pods' TCP only through
+//!                          covered interfaces (guard.rs)
 //! ```
+//! A thread per engine watches the enrolled pods' namespaces (watch.rs).
 //! The tc filters live in each pod namespace (priority 1, handle 0x539), where
 //! `tc filter show dev eth0 egress` shows them.
 
 mod check;
+mod guard;
 mod host_probes;
 mod maps;
 pub mod owner;
 mod pod;
 pub mod trust;
+mod watch;
 
 use std::{
     collections::BTreeMap,
+    os::fd::{AsRawFd, OwnedFd},
     path::{Path, PathBuf},
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -38,7 +45,7 @@ pub use owner::OwnerError;
 use owner::PinOwner;
 use pod::PodState;
 pub use pod::{EnrolOutcome, EnrolledPod, PodOptions, PodSockets};
-use redirect_ebpf::{MAX_PODS, MAX_PROXY_CGROUPS, PodCounters, names};
+use redirect_ebpf::{GuardCounters, MAX_PODS, MAX_PROXY_CGROUPS, PodCounters, names};
 use tracing::{info, warn};
 use trust::TrustTable;
 pub use trust::{ProxyCgroup, TrustError, cgroup2_mount};
@@ -139,6 +146,8 @@ pub enum EngineError {
     Attach { what: String, detail: String },
     #[error("the node's namespace: {0}")]
     NodeNetns(String),
+    #[error("cannot start the namespace watcher: {0}")]
+    Watcher(String),
     #[error("this engine was closed: its pin directory may belong to another engine now")]
     Closed,
 }
@@ -184,7 +193,13 @@ struct Inner {
 /// processes (an exclusive lock on the pin directory).
 pub struct Engine {
     pin_dir: PathBuf,
-    inner: Mutex<Option<Inner>>,
+    inner: Arc<Mutex<Option<Inner>>>,
+    /// Wakes the watcher thread (a byte: the pods changed); closing it ends the thread.
+    wake: OwnedFd,
+}
+
+fn lock(inner: &Mutex<Option<Inner>>) -> MutexGuard<'_, Option<Inner>> {
+    inner.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Engine {
@@ -251,29 +266,48 @@ impl Engine {
             "redirect: proxy_cgroups reconciled"
         );
         let pods = pod::adopt_pinned(&maps);
+        // Before the guard starts: pods of a version without it keep all their
+        // interfaces open until they are taken back.
+        pod::cover_legacy(&mut maps, &pods);
+        guard::attach(&mut ebpf, &pin_dir)?;
         info!(pin_dir = %pin_dir.display(), pods = pods.len(), "redirect: engine ready");
+        let inner = Arc::new(Mutex::new(Some(Inner {
+            ebpf,
+            maps,
+            pods,
+            trust,
+            root_cgroup,
+            _owner: owner,
+        })));
+        let (wake_rx, wake) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .map_err(|e| EngineError::Watcher(e.to_string()))?;
+        watch::spawn(Arc::downgrade(&inner), wake_rx)
+            .map_err(|e| EngineError::Watcher(e.to_string()))?;
         Ok(Self {
             pin_dir,
-            inner: Mutex::new(Some(Inner {
-                ebpf,
-                maps,
-                pods,
-                trust,
-                root_cgroup,
-                _owner: owner,
-            })),
+            inner,
+            wake,
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Inner>> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
+    }
+
+    /// Tells the watcher that the set of watched pods changed.
+    fn wake_watcher(&self) {
+        // SAFETY: writes one byte from a local; a full pipe already holds a wake-up.
+        unsafe { libc::write(self.wake.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
     }
 
     /// Gives the pin directory up: the pinned state (pods, programs, links) stays in
     /// place, this engine refuses every later change, and another engine (a newer
     /// agent) can take the directory over at once.
     pub fn close(&self) {
-        if self.lock().take().is_some() {
+        let closed = self.lock().take().is_some();
+        self.wake_watcher();
+        if closed {
             info!(pin_dir = %self.pin_dir.display(), "redirect: engine closed, pin directory given up");
         }
     }
@@ -301,7 +335,7 @@ impl Engine {
         else {
             return Err(EnrolError::Closed { uid: uid.into() });
         };
-        pod::enrol(
+        let r = pod::enrol(
             ebpf,
             maps,
             pods,
@@ -310,7 +344,10 @@ impl Engine {
             netns,
             options,
             sockets,
-        )
+        );
+        drop(guard);
+        self.wake_watcher();
+        r
     }
 
     /// Replaces the proxy sockets of an enrolled pod (for example after a proxy restart).
@@ -445,6 +482,28 @@ impl Engine {
         inner
             .maps
             .read_counters(pod.record.id)
+            .map_err(|e| EnrolError::Step {
+                uid: uid.into(),
+                step: "read counters",
+                detail: e.to_string(),
+            })
+    }
+
+    /// The guard's counters for a pod: what it dropped leaving through interfaces
+    /// without our tc programs, connections whose SYN tc never took, and steered SYNs
+    /// that our missing rule or route would have let the kernel forward.
+    pub fn guard_counters(&self, uid: &str) -> Result<GuardCounters, EnrolError> {
+        let guard = self.lock();
+        let Some(inner) = guard.as_ref() else {
+            return Err(EnrolError::Closed { uid: uid.into() });
+        };
+        let pod = inner
+            .pods
+            .get(uid)
+            .ok_or_else(|| EnrolError::NotEnrolled { uid: uid.into() })?;
+        inner
+            .maps
+            .read_guard_counters(pod.record.id)
             .map_err(|e| EnrolError::Step {
                 uid: uid.into(),
                 step: "read counters",

@@ -27,7 +27,10 @@ use redirect_ebpf::*;
 use tracing::{debug, info, warn};
 
 use super::{EnrolError, maps::Maps};
-use crate::{netlink::Netlink, netns::Netns};
+use crate::{
+    netlink::{Changes, Netlink, Watch},
+    netns::Netns,
+};
 
 /// Where our tc filters sit, so that they can be found again by any later process.
 const TC_PRIORITY: u16 = 1;
@@ -68,7 +71,10 @@ pub(crate) const SOCKET_SLOTS: [(u16, u32); 5] = [
 pub struct PodOptions {
     /// Capture DNS (UDP and TCP port 53) to the pod's 15053 sockets.
     pub dns_capture: bool,
-    /// Interfaces to attach tc programs to; default: every interface but lo.
+    /// Interfaces to attach tc programs to at enrolment; default: every Ethernet
+    /// interface but lo (at most four). The pod's TCP through any other interface is
+    /// dropped by the guard, until the watcher attaches to it (it does so for every
+    /// Ethernet interface it finds uncovered when the pod's interfaces change).
     pub interfaces: Option<Vec<String>>,
 }
 
@@ -138,6 +144,9 @@ pub(crate) struct PodState {
     /// The pod's sk_lookup link, held besides its pin: a pin removed (or its bpffs
     /// unmounted) under a running engine does not detach it, and is pinned again.
     pub link: Option<std::os::fd::OwnedFd>,
+    /// The pod's namespace's rtnetlink events (interfaces, addresses, our rule, route
+    /// and filters), read by the engine's watcher; held while the namespace is.
+    pub watch: Option<Watch>,
 }
 
 impl PodState {
@@ -242,16 +251,38 @@ pub(crate) fn adopt_pinned(maps: &Maps) -> BTreeMap<String, PodState> {
                 addrs: addrs.remove(&record.netns_cookie).unwrap_or_default(),
                 record,
                 link: None,
+                watch: None,
             },
         );
     }
     out
 }
 
+/// Pods of an earlier run that left no `covered` entries (enrolled by a version without
+/// the guard): every interface of theirs counts as covered, as it did then, until they
+/// are taken back and their interfaces are listed.
+pub(crate) fn cover_legacy(maps: &mut Maps, pods: &BTreeMap<String, PodState>) {
+    for (uid, state) in pods {
+        let netns = state.record.netns_cookie;
+        if maps.covered_of(netns).is_empty() {
+            match maps.cover(netns, 0) {
+                Ok(()) => info!(
+                    uid,
+                    "redirect: pod enrolled by an earlier version: all its interfaces count as covered until it is taken back"
+                ),
+                Err(e) => {
+                    warn!(uid, error = %e, "redirect: cannot cover a pod of an earlier version")
+                }
+            }
+        }
+    }
+}
+
 /// What the namespace looks like, read before anything is changed.
 struct NsInfo {
     cookie: u64,
     lo: u32,
+    /// Interfaces to attach to (Ethernet ones), with their index.
     ifaces: Vec<(String, u32)>,
     addrs: Vec<IpAddr>,
     ipv6: bool,
@@ -296,31 +327,42 @@ fn read_ns(options: &PodOptions) -> Result<NsInfo, (&'static str, String)> {
         .find(|l| l.loopback)
         .map(|l| l.index)
         .ok_or(("find lo", "no loopback interface".into()))?;
-    let ifaces: Vec<(String, u32)> = match &options.interfaces {
-        Some(names) => names
-            .iter()
-            .map(|n| {
-                links
-                    .iter()
-                    .find(|l| &l.name == n)
-                    .map(|l| (l.name.clone(), l.index))
-                    .ok_or(("find interface", format!("no interface {n} in the pod")))
-            })
-            .collect::<Result<_, _>>()?,
-        None => links
-            .iter()
-            .filter(|l| !l.loopback)
-            .map(|l| (l.name.clone(), l.index))
-            .collect(),
-    };
-    if ifaces.is_empty() {
+    if !links.iter().any(|l| !l.loopback) {
         return Err(("find interface", "the pod has no interface but lo".into()));
     }
-    if ifaces.len() > MAX_POD_IFACES || ifaces.iter().any(|(n, _)| n.len() >= IFNAME_LEN) {
-        return Err((
-            "find interface",
-            format!("at most {MAX_POD_IFACES} interfaces are supported"),
-        ));
+    let ifaces: Vec<(String, u32)> = match &options.interfaces {
+        Some(names) => {
+            let named = names
+                .iter()
+                .map(|n| {
+                    links
+                        .iter()
+                        .find(|l| &l.name == n)
+                        .ok_or(("find interface", format!("no interface {n} in the pod")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if named.len() > MAX_POD_IFACES {
+                return Err((
+                    "find interface",
+                    format!("at most {MAX_POD_IFACES} interfaces are supported"),
+                ));
+            }
+            attachable(named.into_iter())
+        }
+        None => {
+            let mut all = attachable(links.iter().filter(|l| !l.loopback));
+            if all.len() > MAX_POD_IFACES {
+                warn!(
+                    interfaces = ?all.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                    "redirect: more interfaces than the engine attaches to ({MAX_POD_IFACES}); the pod's TCP through the others is dropped"
+                );
+                all.truncate(MAX_POD_IFACES);
+            }
+            all
+        }
+    };
+    if ifaces.iter().any(|(n, _)| n.len() >= IFNAME_LEN) {
+        return Err(("find interface", "interface name too long".into()));
     }
     let addrs = nl
         .addresses()
@@ -339,6 +381,24 @@ fn read_ns(options: &PodOptions) -> Result<NsInfo, (&'static str, String)> {
     })
 }
 
+/// The interfaces the tc programs can serve: those with an Ethernet header. An L3
+/// device (tun, wireguard, ipip, gre) is left uncovered: the guard drops the pod's TCP
+/// through it.
+fn attachable<'a>(links: impl Iterator<Item = &'a crate::netlink::Link>) -> Vec<(String, u32)> {
+    links
+        .filter(|l| {
+            if !l.ether {
+                info!(
+                    interface = %l.name,
+                    "redirect: interface without an Ethernet header: not attached, the pod's TCP through it is dropped"
+                );
+            }
+            l.ether
+        })
+        .map(|l| (l.name.clone(), l.index))
+        .collect()
+}
+
 fn addr_key(a: &IpAddr) -> AddrKey {
     let mut k = AddrKey::default();
     match a {
@@ -354,6 +414,19 @@ fn addr_key(a: &IpAddr) -> AddrKey {
         }
     }
     k
+}
+
+fn key_addr(k: &AddrKey) -> IpAddr {
+    let b = |w: u32| w.to_ne_bytes();
+    if k.family == AF_INET {
+        IpAddr::from(b(k.addr[0]))
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in k.addr.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&b(*w));
+        }
+        IpAddr::from(o)
+    }
 }
 
 fn step<'a>(uid: &'a str, step: &'static str) -> impl Fn(String) -> EnrolError + 'a {
@@ -422,20 +495,31 @@ pub(crate) fn enrol(
                     .map_err(|e| step(uid, "hold namespace")(e.to_string()))?;
                 let mut record = state.record;
                 record.flags = flags;
+                // Watched first, so that no change made while we look is missed.
+                let (watch, info) = netns
+                    .run(|| (Watch::open(ROUTE_TABLE), read_ns(options)))
+                    .map_err(|source| EnrolError::Netns {
+                        uid: uid.into(),
+                        source,
+                    })?;
+                let watch = watch.map_err(|e| step(uid, "watch namespace")(e.to_string()))?;
+                let mut info = info.map_err(|(s, d)| step(uid, s)(d))?;
+                let slots = assign_slots(&mut record, &info.ifaces);
+                info.ifaces = std::mem::take(&mut info.ifaces)
+                    .into_iter()
+                    .zip(slots)
+                    .filter_map(|(iface, slot)| slot.map(|_| iface))
+                    .collect();
                 // The tc filters are replaced in place by this run's programs.
                 netns
-                    .run(|| {
-                        apply_in_ns(
-                            ebpf,
-                            &mut record,
-                            &read_ns(options).map_err(|(s, d)| step(uid, s)(d))?,
-                            uid,
-                        )
-                    })
+                    .run(|| apply_in_ns(ebpf, &mut record, &info, uid))
                     .map_err(|source| EnrolError::Netns {
                         uid: uid.into(),
                         source,
                     })??;
+                cover(maps, uid, info.cookie, &info.ifaces)?;
+                maps.uncover(info.cookie, 0);
+                state.watch = Some(watch);
                 // The pinned sk_lookup link still runs the program of the run that made it.
                 let link_path = pin_dir.join("links").join(uid);
                 let link = update_sk_lookup(ebpf, netns, &link_path)
@@ -484,13 +568,15 @@ pub(crate) fn enrol(
 
     let started = std::time::Instant::now();
     // 1. Read the namespace.
-    let info = netns
-        .run(|| read_ns(options))
+    // Watched first, so that no interface or address added while we look is missed.
+    let (watch, info) = netns
+        .run(|| (Watch::open(ROUTE_TABLE), read_ns(options)))
         .map_err(|source| EnrolError::Netns {
             uid: uid.into(),
             source,
-        })?
-        .map_err(|(s, d)| step(uid, s)(d))?;
+        })?;
+    let watch = watch.map_err(|e| step(uid, "watch namespace")(e.to_string()))?;
+    let info = info.map_err(|(s, d)| step(uid, s)(d))?;
     let mut record = PodRecord {
         netns_cookie: info.cookie,
         netns_dev: netns.dev(),
@@ -553,6 +639,7 @@ pub(crate) fn enrol(
             record,
             addrs: written,
             link: Some(link),
+            watch: None,
         };
         if let Err(undo) = unenrol(maps, pin_dir, uid, &mut state, None) {
             warn!(uid, error = %undo, "redirect: a failed enrolment is not undone completely; the pod is kept as releasing");
@@ -590,6 +677,7 @@ pub(crate) fn enrol(
             record,
             addrs: written,
             link: Some(link),
+            watch: Some(watch),
         },
     );
     Ok(outcome)
@@ -789,11 +877,60 @@ fn write_maps(
         written.push(key);
     }
     set_sockets(maps, uid, info.cookie, sockets)?;
+    // Before the pod counts as enrolled: the guard lets its TCP out through these
+    // interfaces, where tc egress steers it once attached.
+    cover(maps, uid, info.cookie, &info.ifaces)?;
     // Last: from here on the programs treat the namespace as enrolled.
     maps.pods
         .insert(info.cookie, cfg, 0)
         .map_err(|e| full_or(uid, "pods", MAX_PODS, e))?;
     Ok(())
+}
+
+/// Lists the pod's interfaces that carry the tc programs in `covered`.
+fn cover(
+    maps: &mut Maps,
+    uid: &str,
+    netns: u64,
+    ifaces: &[(String, u32)],
+) -> Result<(), EnrolError> {
+    for (_, index) in ifaces {
+        maps.cover(netns, *index)
+            .map_err(|e| full_or(uid, "covered interfaces", MAX_COVERED, e))?;
+    }
+    Ok(())
+}
+
+/// Gives each interface a slot of the record (the one with its name, else a free one,
+/// else one whose interface is gone). An interface with no slot left is not attached
+/// to: the guard drops the pod's TCP through it. Returns the slot of each, in order.
+fn assign_slots(record: &mut PodRecord, ifaces: &[(String, u32)]) -> Vec<Option<usize>> {
+    let current: Vec<&str> = ifaces.iter().map(|(n, _)| n.as_str()).collect();
+    ifaces
+        .iter()
+        .map(|(name, _)| slot_for(record, name, &current))
+        .collect()
+}
+
+fn slot_for(record: &mut PodRecord, name: &str, current: &[&str]) -> Option<usize> {
+    let names: Vec<(usize, String)> = ifaces_of(record).collect();
+    if let Some((i, _)) = names.iter().find(|(_, n)| n == name) {
+        return Some(*i);
+    }
+    let free = (0..MAX_POD_IFACES)
+        .find(|i| record.ifaces[*i][0] == 0)
+        .or_else(|| {
+            names
+                .iter()
+                .find(|(_, n)| !current.contains(&n.as_str()))
+                .map(|(i, _)| *i)
+        })?;
+    // A slot of an interface that is gone: nothing of it is left to undo.
+    record.ifaces[free] = [0; IFNAME_LEN];
+    record.ifaces[free][..name.len()].copy_from_slice(name.as_bytes());
+    record.accept_local_before[free] = 0;
+    record.flags &= !(CLSACT_BASE << free);
+    Some(free)
 }
 
 /// Puts the given sockets in the listener map (and removes the ports not given),
@@ -868,6 +1005,7 @@ pub(crate) fn set_sockets(
 fn remove_maps(maps: &mut Maps, uid: &str, record: &PodRecord, addrs: &[AddrKey]) {
     let netns = record.netns_cookie;
     let _ = maps.pods.remove(&netns);
+    maps.uncover_all(netns);
     for (port, proto) in SOCKET_SLOTS {
         let _ = maps.remove_listener(&ListenerKey {
             netns,
@@ -941,8 +1079,47 @@ fn attach_tc(ebpf: &mut Ebpf, prog: &str, iface: &str, ty: TcAttachType) -> Resu
     Ok(())
 }
 
+/// Attaches our tc filter if it is not there; one in place is left as it is (so that
+/// putting back what was removed does not itself stir tc events).
+fn ensure_tc(ebpf: &mut Ebpf, prog: &str, iface: &str, ty: TcAttachType) -> Result<(), String> {
+    let p: &mut SchedClassifier = ebpf
+        .program_mut(prog)
+        .ok_or("program missing")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    let opts = TcAttachOptions::Netlink(NlOptions {
+        priority: TC_PRIORITY,
+        handle: TC_HANDLE,
+        classid: None,
+    });
+    match p.attach_with_options(iface, ty, opts) {
+        Ok(id) => {
+            // Outlives this process, like every filter of ours.
+            std::mem::forget(p.take_link(id).map_err(|e| e.to_string())?);
+            Ok(())
+        }
+        Err(e) if io_errno(&e) == Some(libc::EEXIST) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The OS error somewhere in an error's chain of sources.
+fn io_errno(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && let Some(code) = io.raw_os_error()
+        {
+            return Some(code);
+        }
+        cur = c.source();
+    }
+    None
+}
+
 /// Inside the pod namespace: return routing, accept_local, tc filters (egress last,
-/// since it starts steering). Runs on a thread inside the namespace.
+/// since it starts steering). Runs on a thread inside the namespace. Each interface
+/// uses the record's slot of its name.
 fn apply_in_ns(
     ebpf: &mut Ebpf,
     record: &mut PodRecord,
@@ -952,8 +1129,78 @@ fn apply_in_ns(
     let err = |s: &'static str| step(uid, s);
     upgrade_legacy(record);
     let mut nl = Netlink::open().map_err(|e| err("netlink")(e.to_string()))?;
+    ensure_routing(&mut nl, record, info.ipv6, info.lo, uid)?;
+    let slots: Vec<(usize, &str)> = info
+        .ifaces
+        .iter()
+        .filter_map(|(n, _)| slot_of(record, n).map(|i| (i, n.as_str())))
+        .collect();
+    for (i, name) in &slots {
+        set_accept_local(&mut nl, record, *i, name, uid)?;
+    }
+    let targets = slots
+        .iter()
+        .map(|(i, n)| (*n, CLSACT_BASE << i))
+        .chain(std::iter::once(("lo", CLSACT_LO)));
+    for (name, bit) in targets {
+        if tc::qdisc_add_clsact(name).is_ok() {
+            record.flags |= bit;
+        }
+    }
+    record.owned |= OWN_FILTERS;
+    for (_, name) in &slots {
+        attach_tc(ebpf, names::PROG_INGRESS, name, TcAttachType::Ingress)
+            .map_err(err("attach tc ingress"))?;
+    }
+    attach_tc(ebpf, names::PROG_LOOPBACK, "lo", TcAttachType::Egress)
+        .map_err(err("attach tc on lo"))?;
+    for (_, name) in &slots {
+        attach_tc(ebpf, names::PROG_EGRESS, name, TcAttachType::Egress)
+            .map_err(err("attach tc egress"))?;
+    }
+    Ok(())
+}
+
+/// The record's slot for an interface name, if it has one.
+fn slot_of(record: &PodRecord, name: &str) -> Option<usize> {
+    ifaces_of(record).find(|(_, n)| n == name).map(|(i, _)| i)
+}
+
+/// `accept_local=1` on the interface in slot `i`, its earlier value kept in the record.
+/// Through netlink, not /proc/sys: a container's /proc/sys is read-only.
+fn set_accept_local(
+    nl: &mut Netlink,
+    record: &mut PodRecord,
+    i: usize,
+    name: &str,
+    uid: &str,
+) -> Result<(), EnrolError> {
+    let err = |s: &'static str| step(uid, s);
+    let before = nl
+        .accept_local(name)
+        .map_err(|e| err("read accept_local")(e.to_string()))?
+        .ok_or_else(|| err("read accept_local")(format!("no interface {name}")))?;
+    // On a re-apply the value read is our own 1: keep the first recorded value.
+    if record.accept_local_before[i] == 0 {
+        record.accept_local_before[i] = if before { 2 } else { 1 };
+    }
+    nl.set_accept_local(name, true)
+        .map_err(|e| err("set accept_local")(e.to_string()))?;
+    Ok(())
+}
+
+/// The return rule and route of each family, added if missing (an identical one found
+/// in place and not ours is used, and left in place at un-enrolment).
+fn ensure_routing(
+    nl: &mut Netlink,
+    record: &mut PodRecord,
+    ipv6: bool,
+    lo: u32,
+    uid: &str,
+) -> Result<(), EnrolError> {
+    let err = |s: &'static str| step(uid, s);
     for v6 in [false, true] {
-        if v6 && !info.ipv6 {
+        if v6 && !ipv6 {
             continue;
         }
         let (rule, route) = if v6 {
@@ -961,7 +1208,6 @@ fn apply_in_ns(
         } else {
             (OWN_RULE_V4, OWN_ROUTE_V4)
         };
-        // Found already there and not ours: used, and left in place at un-enrolment.
         if nl
             .add_rule(v6, RETURN_MARK, MARK_MASK, RULE_PREF, ROUTE_TABLE)
             .map_err(|e| err("add rule")(e.to_string()))?
@@ -974,7 +1220,7 @@ fn apply_in_ns(
             );
         }
         if nl
-            .add_local_default(v6, info.lo, ROUTE_TABLE)
+            .add_local_default(v6, lo, ROUTE_TABLE)
             .map_err(|e| err("add route")(e.to_string()))?
         {
             record.owned |= route;
@@ -985,41 +1231,202 @@ fn apply_in_ns(
             );
         }
     }
-    // Through netlink, not /proc/sys: a container's /proc/sys is read-only.
-    for (i, (name, _)) in info.ifaces.iter().enumerate() {
-        let before = nl
-            .accept_local(name)
-            .map_err(|e| err("read accept_local")(e.to_string()))?
-            .ok_or_else(|| err("read accept_local")(format!("no interface {name}")))?;
-        // On a re-apply the value read is our own 1: keep the first recorded value.
-        if record.accept_local_before[i] == 0 {
-            record.accept_local_before[i] = if before { 2 } else { 1 };
-        }
-        nl.set_accept_local(name, true)
-            .map_err(|e| err("set accept_local")(e.to_string()))?;
+    Ok(())
+}
+
+/// Brings an enrolled pod in line with what its namespace's events say changed:
+/// attaches to interfaces that appeared (then lists them as covered) and forgets those
+/// that went, follows its addresses, and puts back our rule, route and tc filters when
+/// something inside the pod removed them. `live` holds the netns cookies of the
+/// enrolled pods: an address one of them holds is not taken from it.
+pub(crate) fn refresh(
+    ebpf: &mut Ebpf,
+    maps: &mut Maps,
+    uid: &str,
+    state: &mut PodState,
+    changes: Changes,
+    live: &std::collections::BTreeSet<u64>,
+) -> Result<(), EnrolError> {
+    let Some(netns) = state.netns.as_ref() else {
+        return Ok(());
+    };
+    let cookie = state.record.netns_cookie;
+    let mut record = state.record;
+    let mut addrs = std::mem::take(&mut state.addrs);
+    let result = netns
+        .run(|| {
+            refresh_in_ns(
+                ebpf,
+                maps,
+                uid,
+                &mut record,
+                &mut addrs,
+                cookie,
+                changes,
+                live,
+            )
+        })
+        .map_err(|source| EnrolError::Netns {
+            uid: uid.into(),
+            source,
+        })
+        .and_then(|r| r);
+    state.addrs = addrs;
+    if record != state.record {
+        state.record = record;
+        save_record(maps, uid, &state.record);
     }
-    let targets: Vec<(String, u32)> = info
-        .ifaces
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn refresh_in_ns(
+    ebpf: &mut Ebpf,
+    maps: &mut Maps,
+    uid: &str,
+    record: &mut PodRecord,
+    addrs: &mut Vec<AddrKey>,
+    cookie: u64,
+    changes: Changes,
+    live: &std::collections::BTreeSet<u64>,
+) -> Result<(), EnrolError> {
+    let err = |s: &'static str| step(uid, s);
+    let mut nl = Netlink::open().map_err(|e| err("netlink")(e.to_string()))?;
+    let links = nl
+        .links()
+        .map_err(|e| err("list interfaces")(e.to_string()))?;
+    let lo = links
         .iter()
-        .enumerate()
-        .map(|(i, (n, _))| (n.clone(), CLSACT_BASE << i))
-        .chain(std::iter::once(("lo".to_string(), CLSACT_LO)))
-        .collect();
-    for (name, bit) in &targets {
-        if tc::qdisc_add_clsact(name).is_ok() {
-            record.flags |= bit;
+        .find(|l| l.loopback)
+        .map(|l| l.index)
+        .ok_or_else(|| err("find lo")("no loopback interface".into()))?;
+    if changes.routing {
+        let before = record.owned;
+        ensure_routing(
+            &mut nl,
+            record,
+            Path::new("/proc/sys/net/ipv6").exists(),
+            lo,
+            uid,
+        )?;
+        if record.owned != before {
+            warn!(
+                uid,
+                "redirect: return rule or route removed inside the pod; put back"
+            );
         }
     }
-    record.owned |= OWN_FILTERS;
-    for (name, _) in &info.ifaces {
-        attach_tc(ebpf, names::PROG_INGRESS, name, TcAttachType::Ingress)
-            .map_err(err("attach tc ingress"))?;
+    if changes.links || changes.tc {
+        let covered = maps.covered_of(cookie);
+        // Gone: its filters went with it; an index used again later is a new device.
+        for index in covered.iter().filter(|i| **i != 0) {
+            if !links.iter().any(|l| l.index == *index) {
+                maps.uncover(cookie, *index);
+                info!(
+                    uid,
+                    ifindex = index,
+                    "redirect: interface gone from the pod"
+                );
+            }
+        }
+        let current: Vec<&str> = links.iter().map(|l| l.name.as_str()).collect();
+        for l in links.iter().filter(|l| !l.loopback) {
+            let known = covered.contains(&l.index);
+            if known && !changes.tc {
+                continue;
+            }
+            if !l.ether {
+                if !known {
+                    info!(
+                        uid,
+                        interface = %l.name,
+                        "redirect: interface without an Ethernet header added to the pod: not attached, the pod's TCP through it is dropped"
+                    );
+                }
+                continue;
+            }
+            if l.name.len() >= IFNAME_LEN {
+                continue;
+            }
+            let Some(slot) = slot_for(record, &l.name, &current) else {
+                warn!(
+                    uid,
+                    interface = %l.name,
+                    "redirect: interface added to the pod beyond the {MAX_POD_IFACES} the engine attaches to: the pod's TCP through it is dropped"
+                );
+                continue;
+            };
+            // Attached first, then listed as covered: until then the guard drops the
+            // pod's TCP through it.
+            set_accept_local(&mut nl, record, slot, &l.name, uid)?;
+            if tc::qdisc_add_clsact(&l.name).is_ok() {
+                record.flags |= CLSACT_BASE << slot;
+            }
+            record.owned |= OWN_FILTERS;
+            ensure_tc(ebpf, names::PROG_INGRESS, &l.name, TcAttachType::Ingress)
+                .map_err(err("attach tc ingress"))?;
+            ensure_tc(ebpf, names::PROG_EGRESS, &l.name, TcAttachType::Egress)
+                .map_err(err("attach tc egress"))?;
+            maps.cover(cookie, l.index)
+                .map_err(|e| full_or(uid, "covered interfaces", MAX_COVERED, e))?;
+            if known {
+                debug!(uid, interface = %l.name, "redirect: tc filters ensured after a tc change in the pod");
+            } else {
+                info!(uid, interface = %l.name, ifindex = l.index, "redirect: interface added to the pod, attached");
+            }
+        }
+        if changes.tc {
+            if tc::qdisc_add_clsact("lo").is_ok() {
+                record.flags |= CLSACT_LO;
+            }
+            ensure_tc(ebpf, names::PROG_LOOPBACK, "lo", TcAttachType::Egress)
+                .map_err(err("attach tc on lo"))?;
+        }
     }
-    attach_tc(ebpf, names::PROG_LOOPBACK, "lo", TcAttachType::Egress)
-        .map_err(err("attach tc on lo"))?;
-    for (name, _) in &info.ifaces {
-        attach_tc(ebpf, names::PROG_EGRESS, name, TcAttachType::Egress)
-            .map_err(err("attach tc egress"))?;
+    if changes.addrs || changes.links {
+        let now: Vec<AddrKey> = nl
+            .addresses()
+            .map_err(|e| err("list addresses")(e.to_string()))?
+            .into_iter()
+            .filter(|(_, a)| !a.is_loopback())
+            .map(|(_, a)| addr_key(&a))
+            .collect();
+        addrs.retain(|k| {
+            if now.contains(k) {
+                return true;
+            }
+            if maps.pod_addrs.get(k, 0).is_ok_and(|v| v.netns == cookie) {
+                let _ = maps.pod_addrs.remove(k);
+            }
+            info!(uid, addr = %key_addr(k), "redirect: address gone from the pod");
+            false
+        });
+        for k in now {
+            if addrs.contains(&k) {
+                continue;
+            }
+            if let Ok(other) = maps.pod_addrs.get(&k, 0)
+                && other.netns != cookie
+                && live.contains(&other.netns)
+            {
+                warn!(
+                    uid,
+                    other_pod = other.pod,
+                    "redirect: address added to the pod belongs to another enrolled pod: not taken"
+                );
+                continue;
+            }
+            let owner = PodAddr {
+                netns: cookie,
+                pod: record.id,
+                _pad: 0,
+            };
+            maps.pod_addrs
+                .insert(k, owner, 0)
+                .map_err(|e| full_or(uid, "pod addresses", MAX_POD_ADDRS, e))?;
+            info!(uid, addr = %key_addr(&k), "redirect: address added to the pod");
+            addrs.push(k);
+        }
     }
     Ok(())
 }
@@ -1147,6 +1554,10 @@ pub(crate) fn unenrol(
         state.record.owned |= RELEASING;
         save_record(maps, uid, &state.record);
     }
+    // From here the programs and the watcher leave the pod alone: its connections go
+    // direct while what is in its namespace is taken down.
+    state.watch = None;
+    let _ = maps.pods.remove(&state.record.netns_cookie);
     let mut result = Ok(());
     match &state.netns {
         Some(netns) => {
