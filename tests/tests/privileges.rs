@@ -477,7 +477,12 @@ fn the_manifests_capabilities_run_the_mesh_and_each_one_is_needed() {
     assert_eq!(counter(&state, "cap-app", "redirected_15006"), inbound);
 
     let log = node.log("agent");
-    assert!(log.contains("host probe link attached"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("node link attached")
+                && l.contains("program=\"redirect_host_probes\"")),
+        "{log}"
+    );
     cli(&["pod", "del", "--state-dir", &state, "--uid", "cap-app"]).unwrap();
 }
 
@@ -553,7 +558,7 @@ fn run_in_a_private_cgroup_namespace_finds_its_cgroup_and_the_hosts_root() {
     assert!(text.contains(&format!("trusted={{{id}}}")), "{text}");
     assert!(
         text.contains(&format!(
-            "host probe link attached cgroup={}",
+            "node link attached cgroup={} link={pin}/node/host_probes",
             mount.display()
         )),
         "{text}"
