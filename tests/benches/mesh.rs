@@ -842,10 +842,13 @@ fn svg(rows: &[Figures]) -> String {
 
 const TAIL_CHART_H: f64 = 300.0;
 
+/// One series of the tail chart: its name, colour and value.
+type Series = (&'static str, &'static str, fn(&Wrk) -> f64);
+
 /// wrk's close-mode latency per mode, p50, p99, p99.9 and max side by side on a log
 /// scale (whole decades), with the 100 ms target marked; drawn from `y0` down.
 fn tail_chart(rows: &[Figures], y0: f64, step: f64) -> String {
-    let series: [(&str, &str, fn(&Wrk) -> f64); 4] = [
+    let series: [Series; 4] = [
         ("p50", "#9cc3e6", |w| w.lat_us[0]),
         ("p99", "#4a7ab0", |w| w.lat_us[1]),
         ("p99.9", "#1f3f66", |w| w.lat_us[2]),
