@@ -64,6 +64,11 @@ struct Plan {
 struct Figures {
     mode: String,
     conn_per_s: Vec<(usize, f64)>,
+    /// The connection-rate phase, every concurrency: connections that failed, that
+    /// took longer than [`SLOW`] (connect and one exchange), and the slowest (ms).
+    conn_failed: u64,
+    conn_slow: u64,
+    conn_max_ms: f64,
     lat_us: [f64; 3],
     gbit_s: f64,
     cpu_s_per_gb: f64,
@@ -89,7 +94,25 @@ struct Wrk {
     req_per_s: f64,
     /// p50, p99, p99.9 in µs (wrk's own histogram).
     lat_us: [f64; 3],
+    /// The slowest request (µs).
+    max_us: f64,
+    /// Requests slower than [`SLOW`].
+    slow: u64,
     errors: u64,
+    /// connect, read, write, status, timeout.
+    errors_by_kind: [u64; 5],
+}
+
+/// A connection or request slower than this waited for something (a SYN
+/// retransmission costs 1 s): counted apart.
+const SLOW: Duration = Duration::from_millis(100);
+
+/// What the connection-rate phase saw at one concurrency.
+struct Rate {
+    per_s: f64,
+    failed: u64,
+    slow: u64,
+    max: Duration,
 }
 
 /// A socket of the app in `ns` (no mark: it is redirected like any app's).
@@ -206,24 +229,43 @@ async fn http_connection(mut s: TcpStream) {
     }
 }
 
-async fn conn_rate(ns: Arc<Netns>, to: SocketAddr, conc: usize, secs: f64) -> f64 {
+async fn conn_rate(ns: Arc<Netns>, to: SocketAddr, conc: usize, secs: f64) -> Rate {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
+    let slow = Arc::new(AtomicU64::new(0));
+    let max_us = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..conc {
-        let (ns, stop, done, failed) = (ns.clone(), stop.clone(), done.clone(), failed.clone());
+        let (ns, stop, done, failed, slow, max_us) = (
+            ns.clone(),
+            stop.clone(),
+            done.clone(),
+            failed.clone(),
+            slow.clone(),
+            max_us.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut buf = [7u8; REQ];
             while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
                 let Ok(mut s) = connect_from(&ns, to).await else {
                     failed.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
                 let exchange = async { s.write_all(&buf).await.and(s.read_exact(&mut buf).await) };
                 match tokio::time::timeout(Duration::from_secs(3), exchange).await {
-                    Ok(Ok(_)) => done.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                    Ok(Ok(_)) => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                        let took = t.elapsed();
+                        max_us.fetch_max(took.as_micros() as u64, Ordering::Relaxed);
+                        if took > SLOW {
+                            slow.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
                 };
             }
         }));
@@ -236,11 +278,22 @@ async fn conn_rate(ns: Arc<Netns>, to: SocketAddr, conc: usize, secs: f64) -> f6
     for t in tasks {
         let _ = t.await;
     }
-    let failed = failed.load(Ordering::Relaxed);
-    if failed > 0 {
-        eprintln!("  {failed} connections failed at concurrency {conc}");
+    let r = Rate {
+        per_s: n as f64 / elapsed,
+        failed: failed.load(Ordering::Relaxed),
+        slow: slow.load(Ordering::Relaxed),
+        max: Duration::from_micros(max_us.load(Ordering::Relaxed)),
+    };
+    if r.failed > 0 || r.slow > 0 {
+        eprintln!(
+            "  concurrency {conc}: {} connections failed, {} slower than {} ms (max {:?})",
+            r.failed,
+            r.slow,
+            SLOW.as_millis(),
+            r.max
+        );
     }
-    n as f64 / elapsed
+    r
 }
 
 async fn latency(ns: &Netns, to: SocketAddr, requests: usize) -> Result<[f64; 3]> {
@@ -315,8 +368,11 @@ async fn measure(mode: &str, ns_a: Arc<Netns>, b: IpAddr, plan: &Plan) -> Result
         ..Default::default()
     };
     for &c in &plan.concurrency {
-        f.conn_per_s
-            .push((c, conn_rate(ns_a.clone(), echo, c, plan.seconds).await));
+        let r = conn_rate(ns_a.clone(), echo, c, plan.seconds).await;
+        f.conn_per_s.push((c, r.per_s));
+        f.conn_failed += r.failed;
+        f.conn_slow += r.slow;
+        f.conn_max_ms = f.conn_max_ms.max(r.max.as_secs_f64() * 1e3);
     }
     f.lat_us = latency(&ns_a, echo, plan.latency_requests)
         .await
@@ -349,13 +405,22 @@ struct Tools {
     server: String,
 }
 
-/// wrk's report, one line: requests, duration (µs), errors, p50/p99/p99.9 (µs).
+/// wrk's report, one line: requests, duration (µs), errors (connect, read, write,
+/// status, timeout), p50/p99/p99.9 and max
+/// (µs), and the requests slower than 100 ms ([`SLOW`]) from its histogram (`latency(i)`:
+/// a recorded value and how many requests took it).
 const WRK_SCRIPT: &str = r#"done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format("WRK-RESULT %d %d %d %.1f %.1f %.1f\n",
+  local slow = 0
+  for i = 1, #latency do
+    local v, n = latency(i)
+    if v > 100000 then slow = slow + n end
+  end
+  io.write(string.format("WRK-RESULT %d %d %d %d %d %d %d %.1f %.1f %.1f %.1f %d\n",
     summary.requests, summary.duration,
-    e.connect + e.read + e.write + e.status + e.timeout,
-    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
+    latency.max, slow))
 end
 "#;
 
@@ -513,13 +578,16 @@ fn wrk(t: &Tools, b: IpAddr, conns: usize, secs: u32, close: bool) -> Result<Wrk
         .split_whitespace()
         .filter_map(|v| v.parse().ok())
         .collect();
-    anyhow::ensure!(f.len() == 6 && f[1] > 0.0, "wrk: unreadable report");
+    anyhow::ensure!(f.len() == 12 && f[1] > 0.0, "wrk: unreadable report");
     Ok(Wrk {
         connections: conns,
         requests: f[0] as u64,
         req_per_s: f[0] / (f[1] / 1e6),
-        lat_us: [f[3], f[4], f[5]],
-        errors: f[2] as u64,
+        lat_us: [f[7], f[8], f[9]],
+        max_us: f[10],
+        slow: f[11] as u64,
+        errors: f[2..7].iter().sum::<f64>() as u64,
+        errors_by_kind: [f[2], f[3], f[4], f[5], f[6]].map(|v| v as u64),
     })
 }
 
@@ -545,8 +613,9 @@ fn measure_mode(
             match wrk(tools, b, plan.wrk_connections, plan.tool_seconds, close) {
                 Ok(w) => {
                     if w.errors > 0 {
+                        let [connect, read, write, status, timeout] = w.errors_by_kind;
                         eprintln!(
-                            "  {mode}: wrk{}: {} errors in {} requests",
+                            "  {mode}: wrk{}: {} errors in {} requests (connect {connect}, read {read}, write {write}, status {status}, timeout {timeout})",
                             if close { " (Connection: close)" } else { "" },
                             w.errors,
                             w.requests
@@ -609,6 +678,7 @@ fn table(rows: &[Figures]) -> String {
     if let Some(r) = rows.first() {
         head.extend(r.conn_per_s.iter().map(|(c, _)| format!("conn/s c={c}")));
     }
+    head.extend(["failed", "> 100 ms"].map(String::from));
     head.extend(["p50 µs", "p99 µs", "p99.9 µs", "Gbit/s", "CPU s/GB"].map(String::from));
     if iperf {
         head.push("iperf3 Gbit/s".into());
@@ -619,6 +689,7 @@ fn table(rows: &[Figures]) -> String {
     }
     if let Some(c) = close {
         head.push(format!("wrk conn/s c={c}"));
+        head.extend(["wrk close errors", "wrk close > 100 ms"].map(String::from));
     }
     head.extend(
         [
@@ -640,6 +711,8 @@ fn table(rows: &[Figures]) -> String {
         let base = iptables_base(&r.mode).and_then(find);
         let mut c = vec![r.mode.clone()];
         c.extend(r.conn_per_s.iter().map(|(_, v)| format!("{v:.0}")));
+        c.push(r.conn_failed.to_string());
+        c.push(r.conn_slow.to_string());
         c.extend(r.lat_us.iter().map(|v| format!("{v:.1}")));
         c.push(format!("{:.2}", r.gbit_s));
         c.push(format!("{:.2}", r.cpu_s_per_gb));
@@ -661,11 +734,14 @@ fn table(rows: &[Figures]) -> String {
             }
         }
         if close.is_some() {
-            c.push(
-                r.wrk_close
-                    .as_ref()
-                    .map_or_else(dash, |w| format!("{:.0}", w.req_per_s)),
-            );
+            match &r.wrk_close {
+                Some(w) => c.extend([
+                    format!("{:.0}", w.req_per_s),
+                    w.errors.to_string(),
+                    w.slow.to_string(),
+                ]),
+                None => c.extend([dash(), dash(), dash()]),
+            }
         }
         c.push(ratio(top(r), direct.map(top)));
         c.push(ratio(top(r), base.map(top)));
@@ -673,6 +749,28 @@ fn table(rows: &[Figures]) -> String {
         if let Some(e) = external {
             c.push(ratio(top(r), Some(top(e))));
             c.push(ratio(r.gbit_s, Some(e.gbit_s)));
+        }
+        s.push_str(&format!("| {} |\n", c.join(" | ")));
+    }
+    s
+}
+
+/// The tails of short connections, per mode: the slowest connection of the rate phase
+/// and wrk's close-mode request latency (p50, p99, p99.9, max), in ms.
+fn tails(rows: &[Figures]) -> String {
+    let ms = |us: f64| format!("{:.2}", us / 1e3);
+    let mut s = String::from(
+        "| mode | rate phase max ms | wrk close p50 ms | p99 ms | p99.9 ms | max ms | p99/p50 |\n|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let mut c = vec![r.mode.clone(), format!("{:.2}", r.conn_max_ms)];
+        match &r.wrk_close {
+            Some(w) => {
+                c.extend(w.lat_us.iter().map(|v| ms(*v)));
+                c.push(ms(w.max_us));
+                c.push(ratio(w.lat_us[1], Some(w.lat_us[0])));
+            }
+            None => c.extend(std::iter::repeat_n("–".to_string(), 5)),
         }
         s.push_str(&format!("| {} |\n", c.join(" | ")));
     }
@@ -701,7 +799,8 @@ fn svg(rows: &[Figures]) -> String {
         .collect();
     let (ch, bar, step) = (240.0, 40.0, 110.0);
     let w = 40.0 + step * rows.len() as f64;
-    let h = ch * charts.len() as f64;
+    let tails = rows.iter().any(|r| r.wrk_close.is_some());
+    let h = ch * charts.len() as f64 + if tails { TAIL_CHART_H } else { 0.0 };
     let mut out = format!(
         "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='11'>\n"
     );
@@ -734,7 +833,102 @@ fn svg(rows: &[Figures]) -> String {
             ));
         }
     }
+    if tails {
+        out.push_str(&tail_chart(rows, ch * charts.len() as f64, step));
+    }
     out.push_str("</svg>\n");
+    out
+}
+
+const TAIL_CHART_H: f64 = 300.0;
+
+/// One series of the tail chart: its name, colour and value.
+type Series = (&'static str, &'static str, fn(&Wrk) -> f64);
+
+/// wrk's close-mode latency per mode, p50, p99, p99.9 and max side by side on a log
+/// scale (whole decades), with the 100 ms target marked; drawn from `y0` down.
+fn tail_chart(rows: &[Figures], y0: f64, step: f64) -> String {
+    let series: [Series; 4] = [
+        ("p50", "#9cc3e6", |w| w.lat_us[0]),
+        ("p99", "#4a7ab0", |w| w.lat_us[1]),
+        ("p99.9", "#1f3f66", |w| w.lat_us[2]),
+        ("max", "#c0504d", |w| w.max_us),
+    ];
+    let values: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| r.wrk_close.as_ref())
+        .flat_map(|w| series.iter().map(move |(_, _, v)| v(w)))
+        .filter(|v| *v > 0.0)
+        .collect();
+    // Decades of µs, covering the values and the 100 ms mark.
+    let lo = values
+        .iter()
+        .fold(f64::MAX, |a, v| a.min(*v))
+        .min(1e5)
+        .log10()
+        .floor();
+    let hi = values
+        .iter()
+        .fold(0.0f64, |a, v| a.max(*v))
+        .max(1e5)
+        .log10()
+        .ceil()
+        .max(lo + 1.0);
+    let (top, base) = (y0 + 50.0, y0 + TAIL_CHART_H - 40.0);
+    let y = |us: f64| base - (base - top) * (us.max(10f64.powf(lo)).log10() - lo) / (hi - lo);
+    let right = 20.0 + step * rows.len() as f64;
+    let mut out = format!(
+        "<text x='20' y='{}' font-size='13'>wrk Connection: close, request latency (log scale): p50, p99, p99.9, max</text>\n",
+        y0 + 20.0
+    );
+    for (k, (name, color, _)) in series.iter().enumerate() {
+        let x = 20.0 + 70.0 * k as f64;
+        out.push_str(&format!(
+            "<rect x='{x}' y='{}' width='10' height='10' fill='{color}'/><text x='{}' y='{}'>{name}</text>\n",
+            y0 + 28.0,
+            x + 14.0,
+            y0 + 37.0
+        ));
+    }
+    let mut d = lo;
+    while d <= hi {
+        let us = 10f64.powf(d);
+        let label = if us >= 1e6 {
+            format!("{:.0} s", us / 1e6)
+        } else if us >= 1e3 {
+            format!("{:.0} ms", us / 1e3)
+        } else {
+            format!("{us:.0} µs")
+        };
+        out.push_str(&format!(
+            "<line x1='20' x2='{right}' y1='{0}' y2='{0}' stroke='#ddd'/><text x='{1}' y='{2}' fill='#888'>{label}</text>\n",
+            y(us),
+            right + 2.0,
+            y(us) + 4.0
+        ));
+        d += 1.0;
+    }
+    out.push_str(&format!(
+        "<line x1='20' x2='{right}' y1='{0}' y2='{0}' stroke='#c0504d' stroke-dasharray='4 3'/>\n",
+        y(1e5)
+    ));
+    for (j, r) in rows.iter().enumerate() {
+        let x = 20.0 + j as f64 * step;
+        out.push_str(&format!(
+            "<text x='{x}' y='{}'>{}</text>\n",
+            base + 15.0,
+            r.mode
+        ));
+        let Some(w) = &r.wrk_close else { continue };
+        for (k, (_, color, v)) in series.iter().enumerate() {
+            let top = y(v(w));
+            out.push_str(&format!(
+                "<rect x='{}' y='{top}' width='18' height='{}' fill='{color}'/>\n",
+                x + 20.0 * k as f64,
+                base - top
+            ));
+        }
+    }
     out
 }
 
@@ -1050,7 +1244,11 @@ fn main() -> Result<()> {
     }
     rows.sort_by_key(|r| rank(&r.mode));
 
-    let md = table(&rows);
+    let md = format!(
+        "{}\nShort connections' tails: the slowest connection of the rate phase, and wrk's request latency with `Connection: close`.\n\n{}",
+        table(&rows),
+        tails(&rows)
+    );
     let failures = if failed.is_empty() {
         String::new()
     } else {

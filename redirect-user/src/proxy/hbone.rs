@@ -460,7 +460,7 @@ impl Pool {
         let started = Instant::now();
         let tcp = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            outbound_socket(o.netns, o.tunnel, None)?.connect(o.tunnel),
+            outbound_socket(o.netns, o.tunnel)?.connect(o.tunnel),
         )
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connecting to the HBONE peer"))??;

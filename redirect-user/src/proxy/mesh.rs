@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::{
+    connect_as,
     drain::PodTasks,
     hbone::{self, Outbound, Pool, Refusal},
     identity::{Identity, Tls},
@@ -199,7 +200,7 @@ impl PodMesh {
             .filter(|w| w.protocol == Protocol::Hbone)
         else {
             let tracked = metrics.map(|m| m.outbound(&Peer::unknown(), None, Security::Unknown));
-            let up = match outbound_socket(&self.netns, target, None) {
+            let up = match outbound_socket(&self.netns, target) {
                 Ok(s) => s.connect(target).await,
                 Err(e) => Err(e),
             };
@@ -300,9 +301,12 @@ impl hbone::Inbound for PodMesh {
         if let Decision::Deny(why) = self.mesh.registry.authorize(&self.me(), src.as_ref()) {
             return Err(Refusal::Unauthorized(why));
         }
-        let sock = outbound_socket(&self.netns, target, Some(client))
-            .map_err(|e| Refusal::Unavailable(e.to_string()))?;
-        match tokio::time::timeout(hbone::CONNECT_TIMEOUT, sock.connect(target)).await {
+        match tokio::time::timeout(
+            hbone::CONNECT_TIMEOUT,
+            connect_as(&self.netns, target, client.ip()),
+        )
+        .await
+        {
             Ok(Ok(s)) => Ok(s),
             Ok(Err(e)) => Err(Refusal::Unavailable(format!("{target}: {e}"))),
             Err(_) => Err(Refusal::Unavailable(format!("{target}: timed out"))),

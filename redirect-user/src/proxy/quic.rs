@@ -1091,7 +1091,7 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push((target, client, peer.cloned()));
-            let s = outbound_socket(&self.netns, target, None)
+            let s = outbound_socket(&self.netns, target)
                 .map_err(|e| Refusal::Unavailable(e.to_string()))?;
             s.connect(target)
                 .await

@@ -41,7 +41,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
-    PodListeners,
+    PodListeners, connect_as,
     drain::{Drained, PodTasks},
     mesh::PodMesh,
     metrics::{Peer, PodMetrics, Security},
@@ -336,26 +336,20 @@ async fn serve(
             _ => {}
         }
     }
-    let source = match port {
-        PORT_TUNNEL => {
-            stream
-                .write_all(format!("TUNNEL {local}\n").as_bytes())
-                .await?;
-            stream.shutdown().await?;
-            // Read what the client sends until it closes, so it never writes into a reset.
-            let mut sink = tokio::io::sink();
-            let _ = tokio::time::timeout(
-                Duration::from_secs(10),
-                tokio::io::copy(&mut stream, &mut sink),
-            )
-            .await;
-            return Ok(());
-        }
-        // Inbound: the app sees the client's address. Not its port: the accepted
-        // socket already holds that exact 4-tuple in this namespace.
-        PORT_INBOUND => Some(SocketAddr::new(peer.ip(), 0)),
-        _ => None,
-    };
+    if port == PORT_TUNNEL {
+        stream
+            .write_all(format!("TUNNEL {local}\n").as_bytes())
+            .await?;
+        stream.shutdown().await?;
+        // Read what the client sends until it closes, so it never writes into a reset.
+        let mut sink = tokio::io::sink();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::copy(&mut stream, &mut sink),
+        )
+        .await;
+        return Ok(());
+    }
     stream.set_nodelay(true)?;
     // Plain TCP both ways: neither side's identity is known beyond this pod's.
     let tracked = match (&ctx.metrics, port) {
@@ -363,9 +357,15 @@ async fn serve(
         (Some(m), PORT_INBOUND) => Some(m.inbound(&Peer::unknown(), Security::Unknown)),
         _ => None,
     };
-    let connected = match outbound_socket(&ctx.netns, local, source) {
-        Ok(s) => s.connect(local).await,
-        Err(e) => Err(e),
+    let connected = if port == PORT_INBOUND {
+        // Inbound: the app sees the client's address (not its port: the accepted socket
+        // already holds that exact 4-tuple in this namespace).
+        connect_as(&ctx.netns, local, peer.ip()).await
+    } else {
+        match outbound_socket(&ctx.netns, local) {
+            Ok(s) => s.connect(local).await,
+            Err(e) => Err(e),
+        }
     };
     let mut upstream = match connected {
         Ok(u) => u,
