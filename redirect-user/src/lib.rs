@@ -9,6 +9,7 @@
 //! - [`membership`]: which pods belong to the mesh (the CNI plugin asks, the cluster answers).
 //! - [`cni`]: the chained CNI plugin, the agent's plugin socket, the CNI configuration.
 //! - [`privileges`]: the capabilities each mode needs, checked at start.
+//! - [`fuzz`]: the fuzz targets' entry points: each decoder of untrusted bytes, with its properties.
 
 pub mod admin;
 pub mod agent;
@@ -17,6 +18,7 @@ pub mod cni;
 pub mod demo;
 pub mod demo_mesh;
 pub mod ebpf;
+pub mod fuzz;
 pub mod k8s;
 pub mod membership;
 pub mod netlink;

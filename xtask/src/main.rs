@@ -2,6 +2,7 @@
 //! (apt packages, the nightly rust-src component, bpf-linker, a bpffs mount) or stops
 //! with one line saying what is missing and how to get it.
 
+mod fuzz;
 mod image;
 mod oci;
 mod setup;
@@ -42,6 +43,16 @@ enum Task {
     /// Build the container image offline from the local build (no registry, no base
     /// image): an OCI archive in target/image/ for `ctr images import`, `podman load`.
     Image,
+    /// Fuzz every decoder of untrusted bytes (cargo-fuzz, nightly): each target of
+    /// redirect-user/fuzz in turn; fails on a crash.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Run every test: unit tests and the privileged integration tests.
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
@@ -116,6 +127,12 @@ fn run(cli: Cli) -> Result<()> {
                 path.display()
             );
             Ok(())
+        }
+        Task::Fuzz { seconds, target } => {
+            // The library under test embeds the eBPF object.
+            setup::toolchain()?;
+            build_ebpf(true)?;
+            fuzz::run(seconds, target.as_deref())
         }
         Task::Test { args } => {
             setup::all()?;

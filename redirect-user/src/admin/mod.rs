@@ -273,7 +273,7 @@ fn reason(status: u16) -> &'static str {
 
 /// What a request head asks for, or the error answer.
 #[derive(Debug, PartialEq, Eq)]
-enum Head {
+pub(crate) enum Head {
     /// Method is HEAD, path without its query.
     Get {
         head: bool,
@@ -284,7 +284,7 @@ enum Head {
     Partial,
 }
 
-fn parse_head(buf: &[u8]) -> Head {
+pub(crate) fn parse_head(buf: &[u8]) -> Head {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
@@ -313,13 +313,20 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Head> {
             return Ok(Head::Error(400, "incomplete request\n"));
         }
         buf.extend_from_slice(&chunk[..n]);
-        match parse_head(&buf) {
-            Head::Partial if buf.len() >= MAX_HEAD => {
-                return Ok(Head::Error(431, "request head too large\n"));
-            }
-            Head::Partial => {}
-            h => return Ok(h),
+        if let Some(h) = head_so_far(&buf) {
+            return Ok(h);
         }
+    }
+}
+
+/// What the bytes read so far of a request say: `None` while more must be read.
+pub(crate) fn head_so_far(buf: &[u8]) -> Option<Head> {
+    match parse_head(buf) {
+        Head::Partial if buf.len() >= MAX_HEAD => {
+            Some(Head::Error(431, "request head too large\n"))
+        }
+        Head::Partial => None,
+        h => Some(h),
     }
 }
 

@@ -14,9 +14,9 @@ use tracing::warn;
 use super::{Agent, PodSpec, PodState, PodStatus};
 
 /// Longest request line accepted.
-const MAX_LINE: usize = 64 * 1024;
+pub const MAX_LINE: usize = 64 * 1024;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ControlRequest {
     Add { pod: PodSpec },
@@ -53,7 +53,7 @@ pub struct ControlResponse {
 }
 
 impl ControlResponse {
-    fn err(e: impl ToString) -> Self {
+    pub fn err(e: impl ToString) -> Self {
         Self {
             ok: false,
             error: Some(e.to_string()),
@@ -93,13 +93,9 @@ async fn session(agent: Agent, stream: UnixStream) -> std::io::Result<()> {
         if n == 0 {
             return Ok(());
         }
-        let answer = if n > MAX_LINE {
-            ControlResponse::err("request too long")
-        } else {
-            match serde_json::from_str::<ControlRequest>(&line) {
-                Ok(req) => handle(&agent, req).await,
-                Err(e) => ControlResponse::err(format!("bad request: {e}")),
-            }
+        let answer = match parse_request(&line) {
+            Ok(req) => handle(&agent, req).await,
+            Err(reason) => ControlResponse::err(reason),
         };
         let mut out = serde_json::to_vec(&answer).map_err(std::io::Error::other)?;
         out.push(b'\n');
@@ -111,6 +107,15 @@ async fn session(agent: Agent, stream: UnixStream) -> std::io::Result<()> {
 }
 
 use tokio::io::AsyncReadExt as _;
+
+/// One request line as read (at most [`MAX_LINE`] + 1 bytes): the request, or why it
+/// is refused.
+pub fn parse_request(line: &str) -> Result<ControlRequest, String> {
+    if line.len() > MAX_LINE {
+        return Err("request too long".into());
+    }
+    serde_json::from_str::<ControlRequest>(line).map_err(|e| format!("bad request: {e}"))
+}
 
 async fn handle(agent: &Agent, req: ControlRequest) -> ControlResponse {
     match req {

@@ -134,24 +134,19 @@ async fn session(
         if n == 0 {
             return Ok(());
         }
-        let (answer, fatal) = if n > MAX_LINE || !line.ends_with('\n') {
-            agent.metrics().cni_request("bad_request");
-            (refused("bad request: line too long or unterminated"), true)
-        } else {
-            match serde_json::from_str::<PluginRequest>(&line) {
-                Ok(PluginRequest::Add { pod }) => {
-                    let answer = add(agent, membership, pod).await;
-                    agent.metrics().cni_request(match &answer {
-                        PluginResponse::Enrolled { .. } => "enrolled",
-                        PluginResponse::NotInMesh { .. } => "not_in_mesh",
-                        PluginResponse::Refused { .. } => "refused",
-                    });
-                    (answer, false)
-                }
-                Err(e) => {
-                    agent.metrics().cni_request("bad_request");
-                    (refused(format!("bad request: {e}")), true)
-                }
+        let (answer, fatal) = match parse_request(&line) {
+            Ok(PluginRequest::Add { pod }) => {
+                let answer = add(agent, membership, pod).await;
+                agent.metrics().cni_request(match &answer {
+                    PluginResponse::Enrolled { .. } => "enrolled",
+                    PluginResponse::NotInMesh { .. } => "not_in_mesh",
+                    PluginResponse::Refused { .. } => "refused",
+                });
+                (answer, false)
+            }
+            Err(refusal) => {
+                agent.metrics().cni_request("bad_request");
+                (refusal, true)
             }
         };
         if fatal {
@@ -162,6 +157,15 @@ async fn session(
             return Ok(());
         }
     }
+}
+
+/// One request line as read (at most [`MAX_LINE`] + 1 bytes): the request, or the
+/// answer that refuses it (and ends the connection).
+pub fn parse_request(line: &str) -> Result<PluginRequest, PluginResponse> {
+    if line.len() > MAX_LINE || !line.ends_with('\n') {
+        return Err(refused("bad request: line too long or unterminated"));
+    }
+    serde_json::from_str::<PluginRequest>(line).map_err(|e| refused(format!("bad request: {e}")))
 }
 
 fn refused(reason: impl Into<String>) -> PluginResponse {

@@ -630,18 +630,10 @@ pub async fn serve<I: Inbound>(
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(|c| identities_of(c).into_iter().next());
-        let conn = h2::server::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .max_concurrent_streams(SERVER_MAX_STREAMS)
-            .max_header_list_size(MAX_HEADER_LIST)
-            .handshake::<_, Bytes>(tls)
-            .await
-            .map_err(h2_io_error)?;
+        let conn = server_handshake(tls).await?;
         io::Result::Ok((conn, peer_id))
     };
-    let (mut conn, peer_id) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, setup).await {
+    let (conn, peer_id) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, setup).await {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             info!(pod = inbound.pod(), %peer, error = %e, "hbone: inbound handshake refused");
@@ -652,6 +644,38 @@ pub async fn serve<I: Inbound>(
             return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake"));
         }
     };
+    serve_connection(inbound, conn, arrived_at, peer, peer_id).await;
+    Ok(())
+}
+
+/// The server's HTTP/2 handshake on a connection (TLS done), with the server's limits.
+pub(crate) async fn server_handshake<T>(io: T) -> io::Result<h2::server::Connection<T, Bytes>>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(SERVER_MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(h2_io_error)
+}
+
+/// Serves the CONNECT streams of one HTTP/2 connection (the part of [`serve`] after the
+/// handshakes: the peer's bytes from here on are HTTP/2 frames); returns when it ends.
+pub(crate) async fn serve_connection<I, T>(
+    inbound: Arc<I>,
+    mut conn: h2::server::Connection<T, Bytes>,
+    arrived_at: IpAddr,
+    peer: SocketAddr,
+    peer_id: Option<Identity>,
+) where
+    I: Inbound,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
     let peer_id = peer_id.map(Arc::new);
     // Pings run beside the connection, which must go on being driven (by `accept`) for
     // the pong to be read at all.
@@ -697,7 +721,6 @@ pub async fn serve<I: Inbound>(
         }
     }
     drop(pinger);
-    Ok(())
 }
 
 async fn stream<I: Inbound>(

@@ -263,7 +263,7 @@ impl AsyncWrite for QuicStream {
 // Heads.
 
 #[derive(Debug)]
-enum HeadError {
+pub(crate) enum HeadError {
     /// Over [`MAX_HEAD`] bytes or [`MAX_HEADERS`] lines: 431.
     TooLarge,
     /// Not a head of our format: 400.
@@ -284,15 +284,15 @@ impl From<HeadError> for io::Error {
 
 /// What a request head says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct RequestHead {
-    method: String,
-    authority: String,
-    forwarded: Option<String>,
+pub(crate) struct RequestHead {
+    pub(crate) method: String,
+    pub(crate) authority: String,
+    pub(crate) forwarded: Option<String>,
 }
 
 /// Parses a request head at the start of `buf`: `Ok(None)` while incomplete, else the
 /// head and its length.
-fn parse_request(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadError> {
+pub(crate) fn parse_request(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let n = match req.parse(buf) {
@@ -318,7 +318,7 @@ fn parse_request(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadError> 
 }
 
 /// Parses a response head at the start of `buf`: its status code and length.
-fn parse_response(buf: &[u8]) -> Result<Option<(u16, usize)>, HeadError> {
+pub(crate) fn parse_response(buf: &[u8]) -> Result<Option<(u16, usize)>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(buf) {
@@ -329,20 +329,51 @@ fn parse_response(buf: &[u8]) -> Result<Option<(u16, usize)>, HeadError> {
     }
 }
 
+/// A head being read: the bytes so far, at most [`MAX_HEAD`], parsed after each read.
+pub(crate) struct HeadReader {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl HeadReader {
+    pub(crate) fn new() -> Self {
+        Self {
+            buf: vec![0u8; MAX_HEAD],
+            len: 0,
+        }
+    }
+
+    /// Where the next read goes; `Err` once [`MAX_HEAD`] bytes came without a head.
+    pub(crate) fn space(&mut self) -> Result<&mut [u8], HeadError> {
+        if self.len == MAX_HEAD {
+            return Err(HeadError::TooLarge);
+        }
+        Ok(&mut self.buf[self.len..])
+    }
+
+    /// `n` more bytes were read into [`HeadReader::space`]: the head and the bytes that
+    /// came after it, or `None` while it is incomplete.
+    pub(crate) fn filled<T>(
+        &mut self,
+        n: usize,
+        parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, HeadError>,
+    ) -> Result<Option<(T, Bytes)>, HeadError> {
+        self.len += n;
+        Ok(parse(&self.buf[..self.len])?
+            .map(|(head, n)| (head, Bytes::copy_from_slice(&self.buf[n..self.len]))))
+    }
+}
+
 /// Reads one head from `recv` (at most [`MAX_HEAD`] bytes); returns it and the bytes
 /// that came after it.
 async fn read_head<T>(
     recv: &mut RecvStream,
     parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, HeadError>,
 ) -> Result<(T, Bytes), HeadError> {
-    let mut buf = vec![0u8; MAX_HEAD];
-    let mut len = 0;
+    let mut reader = HeadReader::new();
     loop {
-        if len == MAX_HEAD {
-            return Err(HeadError::TooLarge);
-        }
-        match recv.read(&mut buf[len..]).await {
-            Ok(Some(n)) => len += n,
+        let n = match recv.read(reader.space()?).await {
+            Ok(Some(n)) => n,
             Ok(None) => {
                 return Err(HeadError::Ended(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -350,14 +381,18 @@ async fn read_head<T>(
                 )));
             }
             Err(e) => return Err(HeadError::Ended(e.into())),
-        }
-        if let Some((head, n)) = parse(&buf[..len])? {
-            return Ok((head, Bytes::copy_from_slice(&buf[n..len])));
+        };
+        if let Some(done) = reader.filled(n, &parse)? {
+            return Ok(done);
         }
     }
 }
 
-fn request_head(target: SocketAddr, client: SocketAddr, traceparent: Option<&str>) -> Vec<u8> {
+pub(crate) fn request_head(
+    target: SocketAddr,
+    client: SocketAddr,
+    traceparent: Option<&str>,
+) -> Vec<u8> {
     let mut h = format!("CONNECT {target} HTTP/1.1\r\nforwarded: for=\"{client}\"\r\n");
     if let Some(tp) = traceparent {
         h.push_str("traceparent: ");
@@ -368,7 +403,7 @@ fn request_head(target: SocketAddr, client: SocketAddr, traceparent: Option<&str
     h.into_bytes()
 }
 
-fn response_head(status: StatusCode) -> Vec<u8> {
+pub(crate) fn response_head(status: StatusCode) -> Vec<u8> {
     format!(
         "HTTP/1.1 {} {}\r\n\r\n",
         status.as_u16(),

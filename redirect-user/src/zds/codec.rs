@@ -107,26 +107,31 @@ impl Request {
 pub type Response = Result<(), String>;
 
 pub fn encode_response(r: &Response) -> Vec<u8> {
-    let error = match r {
-        Ok(()) => String::new(),
-        Err(e) => e.clone(),
-    };
-    let msg = WorkloadResponse {
-        payload: Some(Resp::Ack(super::proto::Ack { error })),
-    };
-    let mut out = msg.encode_to_vec();
-    if out.len() >= MAX_MESSAGE {
-        // A reason that long would not fit the peer's buffer: cut it.
-        let cut: String = match r {
-            Err(e) => e.chars().take(MAX_MESSAGE / 2).collect(),
-            Ok(()) => String::new(),
-        };
-        out = WorkloadResponse {
-            payload: Some(Resp::Ack(super::proto::Ack { error: cut })),
+    let encode = |error: &str| {
+        WorkloadResponse {
+            payload: Some(Resp::Ack(super::proto::Ack {
+                error: error.to_string(),
+            })),
         }
-        .encode_to_vec();
+        .encode_to_vec()
+    };
+    let error = match r {
+        Ok(()) => "",
+        // An empty reason is a positive ack on the wire.
+        Err(e) if e.is_empty() => "refused",
+        Err(e) => e.as_str(),
+    };
+    let out = encode(error);
+    if out.len() < MAX_MESSAGE {
+        return out;
     }
-    out
+    // A reason that long would not fit the peer's buffer: cut it (in bytes, at a
+    // character boundary).
+    let mut cut = MAX_MESSAGE / 2;
+    while !error.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    encode(&error[..cut])
 }
 
 pub fn decode_response(buf: &[u8]) -> Result<Response, CodecError> {
@@ -284,6 +289,20 @@ mod tests {
         let long = encode_response(&Err("x".repeat(5000)));
         assert!(long.len() < MAX_MESSAGE);
         assert!(decode_response(&long).unwrap().is_err());
+        // Found by fuzzing: reasons of wide characters were cut by characters and
+        // still did not fit; an empty reason read as a positive ack.
+        for wide in ["é", "\u{fffd}", "🦀"] {
+            let long = encode_response(&Err(wide.repeat(600)));
+            assert!(long.len() < MAX_MESSAGE, "{wide}: {} bytes", long.len());
+            let Err(reason) = decode_response(&long).unwrap() else {
+                panic!("a refusal read as an ack")
+            };
+            assert!(wide.repeat(600).starts_with(&reason));
+        }
+        assert_eq!(
+            decode_response(&encode_response(&Err(String::new()))).unwrap(),
+            Err("refused".into())
+        );
     }
 
     #[test]
