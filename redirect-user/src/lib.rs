@@ -23,4 +23,5 @@ pub mod netns;
 pub mod probe;
 pub mod proxy;
 pub mod topology;
+pub mod uninstall;
 pub mod zds;
