@@ -14,6 +14,7 @@ use crate::{
     agent::{
         Agent, PodSpec,
         control::{self, ControlRequest},
+        handover::{self, HandoverInfo},
     },
     cni::{self, StaticMembership, install::InstallConfig},
     ebpf::{DEFAULT_OWNER_WAIT, DEFAULT_PIN_DIR, Engine, EngineConfig, ProxyIdentity},
@@ -25,7 +26,7 @@ use crate::{
         metrics::ProxyMetrics,
         registry::Registry,
     },
-    zds::proxy::{InpodProxy, ProxyConfig},
+    zds::proxy::{InpodProxy, ProxyConfig, ProxyHandle},
 };
 
 pub const DEFAULT_SOCKET: &str = "/var/run/ztunnel/ztunnel.sock";
@@ -335,18 +336,30 @@ pub enum PodCommand {
 }
 
 /// `run`: the node agent and the proxy in one process (the DaemonSet default).
+///
+/// A running agent on the same pin directory (a rolling upgrade with surge) is asked to
+/// hand over first ([`handover`]). This one, in turn, hands over when a successor asks:
+/// its agent side stops and its proxy serves on, detached, until SIGTERM, then until
+/// its connections end or `--drain-secs` pass. Without a successor, SIGTERM keeps
+/// everything serving for `--drain-secs`, then the process exits.
 pub async fn run(agent: AgentArgs, mut proxy: ProxyArgs) -> Result<()> {
     privileges::check(privileges::Mode::Run)?;
     if proxy.mesh.ca_dir.is_none() {
         proxy.mesh.ca_dir = Some(agent.state_dir.join("ca"));
     }
+    let term = signalled()?;
+    let predecessor = take_over(&agent).await;
     // The proxy runs in this process: the engine trusts this process's cgroup, moving
     // it out of the root cgroup (shared with pods' apps) into one of its own first.
     let engine = Arc::new(open_engine(
         &agent,
         agent.identity(ProxyIdentity::OwnCgroup),
     )?);
+    if let Some(p) = predecessor {
+        tokio::spawn(p.trust_while_alive(engine.clone()));
+    }
     let a = Agent::new(engine, &agent.state_dir)?;
+    let mut handovers = a.accept_handovers();
     let kube = start_kube(&agent, &a, proxy.dns).await?;
     let proxy_cfg = ProxyConfig {
         socket: agent.socket.clone(),
@@ -356,9 +369,12 @@ pub async fn run(agent: AgentArgs, mut proxy: ProxyArgs) -> Result<()> {
     };
     let control_sock = agent.state_dir.join("control.sock");
     let proxy_metrics = ProxyMetrics::new();
+    let open = proxy_metrics.clone();
+    let proxy_handle = ProxyHandle::new();
     let proxy_task = tokio::spawn(
         InpodProxy::new(proxy_cfg)
             .with_metrics(proxy_metrics.clone())
+            .with_handle(proxy_handle.clone())
             .run(),
     );
     let cni_installed = agent.cni_install.then(|| Arc::new(AtomicBool::new(false)));
@@ -368,27 +384,134 @@ pub async fn run(agent: AgentArgs, mut proxy: ProxyArgs) -> Result<()> {
         cni_installed: cni_installed.clone(),
         proxy: Some(proxy_metrics),
     });
-    tokio::select! {
-        r = a.serve(&agent.socket) => r.map_err(Into::into),
-        r = control::serve(a.clone(), &control_sock) => r.context("control socket"),
-        r = agent.serve_cni(a.clone(), agent.membership(&kube), cni_installed) => r.context("CNI plugin socket"),
-        r = admin::serve_both(admin, agent.admin.admin_addr, agent.admin.metrics_addr) => r.context("admin endpoints"),
-        () = drain_on_shutdown(proxy.drain_secs) => {
+    let mut drain_term = term.clone();
+    let call = tokio::select! {
+        r = a.serve(&agent.socket) => return r.map_err(Into::into),
+        r = control::serve(a.clone(), &control_sock) => return r.context("control socket"),
+        r = agent.serve_cni(a.clone(), agent.membership(&kube), cni_installed) => return r.context("CNI plugin socket"),
+        r = admin::serve_both(admin.clone(), agent.admin.admin_addr, agent.admin.metrics_addr) => return r.context("admin endpoints"),
+        Some(call) = handovers.recv() => call,
+        () = drain_on_signal(&mut drain_term, proxy.drain_secs) => {
             proxy_task.abort();
-            Ok(())
+            crate::ebpf::trust::leave_own_cgroup();
+            return Ok(());
         }
+    };
+    // Handed over: the protocol, control and CNI sockets and the HTTP endpoints are
+    // closed (the successor binds them), the watch and its reconciler stop with the last
+    // handle; the proxy never reconnects (the socket's path is the successor's).
+    proxy_handle.detach();
+    drop(admin);
+    drop(kube);
+    let agent_side = a.clone();
+    let cgroups = tokio::task::spawn_blocking(move || agent_side.hand_over())
+        .await
+        .context("handing over")?;
+    let info = HandoverInfo {
+        pid: std::process::id(),
+        pin_dir: agent.pin_dir.clone(),
+        cgroups,
+    };
+    info!(by = call.by, pin_dir = %info.pin_dir.display(), "agent: handed the node over; the proxy serves its connections on until SIGTERM and the drain");
+    let _ = call.reply.send(Ok(info));
+    drain_handed_over(term, &open, proxy.drain_secs).await;
+    proxy_task.abort();
+    crate::ebpf::trust::leave_own_cgroup();
+    Ok(())
+}
+
+/// A running agent on our pin directory hands over; on failure (an agent of an earlier
+/// version, or none answering) the engine waits for the owner to exit, as before.
+async fn take_over(agent: &AgentArgs) -> Option<handover::Predecessor> {
+    let wait = std::time::Duration::from_secs(agent.owner_wait_secs);
+    match handover::take_over(&agent.state_dir, &agent.pin_dir, "agent", wait).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "agent: no handover; waiting for the owner of the pin directory to exit");
+            None
+        }
+    }
+}
+
+/// When SIGTERM or SIGINT came, listened for from the start (None until then).
+type Signalled = tokio::sync::watch::Receiver<Option<std::time::Instant>>;
+
+fn signalled() -> Result<Signalled> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        info!("shutting down; enrolled pods stay redirected");
+        let _ = tx.send(Some(std::time::Instant::now()));
+        // Keeps the sender: receivers wait on it.
+        std::future::pending::<()>().await
+    });
+    Ok(rx)
+}
+
+async fn signal_time(rx: &mut Signalled) -> std::time::Instant {
+    loop {
+        if let Some(t) = *rx.borrow_and_update() {
+            return t;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The signal, then the drain period, while everything else in the process serves.
+async fn drain_on_signal(rx: &mut Signalled, secs: u64) {
+    let at = signal_time(rx).await;
+    info!(
+        drain_secs = secs,
+        "draining: serving on until the drain period ends"
+    );
+    tokio::time::sleep_until((at + std::time::Duration::from_secs(secs)).into()).await;
+}
+
+/// After a handover: the signal (its time, if it came before), then until the detached
+/// proxy's connections have ended or the drain period is over.
+async fn drain_handed_over(mut rx: Signalled, proxy: &ProxyMetrics, secs: u64) {
+    let at = signal_time(&mut rx).await;
+    let deadline = at + std::time::Duration::from_secs(secs);
+    info!(
+        drain_secs = secs,
+        "draining: a successor has the node; serving this proxy's connections until they end or the drain period ends"
+    );
+    // Clients pooling HBONE connections to this proxy's inbound servers (the new
+    // proxy's, connected during the swap) are told to go elsewhere.
+    crate::proxy::hbone::drain_servers();
+    loop {
+        let left = proxy.open_connections() + crate::proxy::hbone::server_connections() as u64;
+        if left == 0 {
+            info!("draining: no connection left, exiting");
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            info!(connections = left, "draining: drain period over, exiting");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 
 /// `node-agent`: the agent alone; any proxy speaking the protocol may connect.
 pub async fn node_agent(agent: AgentArgs) -> Result<()> {
     privileges::check(privileges::Mode::NodeAgent)?;
-    // Connected proxies' cgroups are trusted while they are connected.
+    // Connected proxies' cgroups are trusted while they are connected; those of the
+    // previous agent's proxies while they reconnect (carried from the pinned state).
+    let _ = take_over(&agent).await;
     let engine = Arc::new(open_engine(
         &agent,
         agent.identity(ProxyIdentity::Cgroups(Vec::new())),
     )?);
     let a = Agent::new(engine, &agent.state_dir)?;
+    let mut handovers = a.accept_handovers();
     // The proxy is another process: whether it opens DNS listeners is not known here.
     let kube = start_kube(&agent, &a, false).await?;
     let control_sock = agent.state_dir.join("control.sock");
@@ -399,13 +522,35 @@ pub async fn node_agent(agent: AgentArgs) -> Result<()> {
         cni_installed: cni_installed.clone(),
         proxy: None,
     });
-    tokio::select! {
-        r = a.serve(&agent.socket) => r.map_err(Into::into),
-        r = control::serve(a.clone(), &control_sock) => r.context("control socket"),
-        r = agent.serve_cni(a.clone(), agent.membership(&kube), cni_installed) => r.context("CNI plugin socket"),
-        r = admin::serve_both(admin, agent.admin.admin_addr, agent.admin.metrics_addr) => r.context("admin endpoints"),
-        () = shutdown() => Ok(()),
-    }
+    let call = tokio::select! {
+        r = a.serve(&agent.socket) => return r.map_err(Into::into),
+        r = control::serve(a.clone(), &control_sock) => return r.context("control socket"),
+        r = agent.serve_cni(a.clone(), agent.membership(&kube), cni_installed) => return r.context("CNI plugin socket"),
+        r = admin::serve_both(admin.clone(), agent.admin.admin_addr, agent.admin.metrics_addr) => return r.context("admin endpoints"),
+        Some(call) = handovers.recv() => call,
+        () = shutdown() => return Ok(()),
+    };
+    // Handed over: the proxies lose this agent and reconnect to the successor (which
+    // takes the socket's path), serving their pods meanwhile. The process stays until
+    // it is stopped: exiting by itself would have a supervisor (the kubelet) start it
+    // again, and that one would ask the successor to hand back.
+    drop(admin);
+    drop(kube);
+    let agent_side = a.clone();
+    let cgroups = tokio::task::spawn_blocking(move || agent_side.hand_over())
+        .await
+        .context("handing over")?;
+    info!(
+        by = call.by,
+        "agent: handed the node over; idle until stopped"
+    );
+    let _ = call.reply.send(Ok(HandoverInfo {
+        pid: std::process::id(),
+        pin_dir: agent.pin_dir.clone(),
+        cgroups,
+    }));
+    shutdown().await;
+    Ok(())
 }
 
 /// Kubernetes mode: the watch and its reconciler beside the agent (until the handle is

@@ -27,4 +27,5 @@ pub mod privileges;
 pub mod probe;
 pub mod proxy;
 pub mod topology;
+pub mod uninstall;
 pub mod zds;

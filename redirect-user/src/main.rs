@@ -82,6 +82,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove everything of ours from this node: a running agent hands over, every pod
+    /// is released, then the programs, pinned state, CNI plugin and state directory go.
+    Uninstall(redirect_user::uninstall::UninstallArgs),
     /// Build pods in namespaces, enrol them, send real traffic, clean up.
     Demo,
     /// Connect from inside a network namespace, send a line, print the line that comes
@@ -117,6 +120,7 @@ fn main() -> Result<()> {
         Command::Pod { cmd } => rt.block_on(cli::pod(cmd)),
         Command::Cni { cmd } => cli::cni(cmd),
         Command::Status { control, json } => rt.block_on(cli::status(control, json)),
+        Command::Uninstall(args) => rt.block_on(redirect_user::uninstall::run(args)),
         Command::Demo => rt.block_on(redirect_user::demo::run()),
         Command::Probe(args) => redirect_user::probe::run(&args),
     }

@@ -317,6 +317,41 @@ fn the_daemonsets_hold_least_privilege_and_what_a_node_agent_needs() {
     }
 }
 
+/// `run` hands over to a new agent started beside it (docs/kubernetes.md, upgrades):
+/// the update must surge, never leave the node without one, and give the old one the
+/// time of its drain.
+#[test]
+fn the_run_daemonset_upgrades_by_handover() {
+    let m = manifests();
+    let (file, ds) = m
+        .daemonsets
+        .iter()
+        .find(|(f, _)| f.as_str() == "daemonset.yaml")
+        .expect("daemonset.yaml");
+    let rolling = ds
+        .spec
+        .update_strategy
+        .as_ref()
+        .and_then(|s| s.rolling_update.as_ref())
+        .expect("a rolling update");
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)), "{file}");
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)), "{file}");
+    let pod = ds.spec.template.spec.as_ref().unwrap();
+    let args = pod.containers[0].args.clone().unwrap();
+    assert_eq!(args[0], "run", "{file}");
+    let drain: i64 = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--drain-secs="))
+        .expect("--drain-secs")
+        .parse()
+        .unwrap();
+    let grace = pod
+        .termination_grace_period_seconds
+        .expect("a grace period");
+    assert!(grace > drain, "{file}: grace {grace} s, drain {drain} s");
+}
+
 #[test]
 fn the_daemonsets_arguments_are_accepted_by_the_binary() {
     let bin = redirect_tests::redirect_user_bin().expect("redirect-user binary");

@@ -105,6 +105,7 @@ impl Admin {
                 // The agent exists only once it took back the pinned state.
                 pinned_reconciled: true,
                 proxies: a.proxies().len(),
+                takeover_pending: a.takeover_pending(),
             }),
             kube: p.kube.as_ref().map(|k| {
                 let s = k.status();

@@ -20,6 +20,9 @@ pub struct AgentFacts {
     pub pinned_reconciled: bool,
     /// Proxies connected over the node-agent protocol.
     pub proxies: usize,
+    /// Pods taken back from an earlier run that no proxy of this run has answered for
+    /// yet: during an upgrade the old proxy still serves them, and must not be stopped.
+    pub takeover_pending: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -38,6 +41,12 @@ pub fn readiness(f: &Facts) -> Result<(), Vec<String>> {
         // New pods are refused (fail closed) until a proxy serves them: not ready.
         if a.proxies == 0 {
             not.push("agent: no proxy connected".to_string());
+        }
+        if a.takeover_pending > 0 {
+            not.push(format!(
+                "agent: {} pods taken over from the previous run not yet on this run's proxy",
+                a.takeover_pending
+            ));
         }
     }
     if let Some(k) = &f.kube {
@@ -68,6 +77,7 @@ mod tests {
         Some(AgentFacts {
             pinned_reconciled: true,
             proxies,
+            takeover_pending: 0,
         })
     }
 
@@ -94,6 +104,7 @@ mod tests {
             agent: Some(AgentFacts {
                 pinned_reconciled: false,
                 proxies: 0,
+                takeover_pending: 2,
             }),
             kube: Some(KubeFacts {
                 pods_synced: false,
@@ -103,10 +114,11 @@ mod tests {
             proxy_served: Some(false),
         };
         let reasons = readiness(&f).unwrap_err();
-        assert_eq!(reasons.len(), 6, "{reasons:?}");
+        assert_eq!(reasons.len(), 7, "{reasons:?}");
         for word in [
             "pinned",
             "no proxy",
+            "2 pods taken over",
             "pods not synced",
             "namespaces",
             "cni",
@@ -137,6 +149,9 @@ mod tests {
         variants.push(f);
         let mut f = ready.clone();
         f.agent.as_mut().unwrap().proxies = 0;
+        variants.push(f);
+        let mut f = ready.clone();
+        f.agent.as_mut().unwrap().takeover_pending = 1;
         variants.push(f);
         let mut f = ready.clone();
         f.kube.as_mut().unwrap().pods_synced = false;

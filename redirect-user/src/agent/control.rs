@@ -19,10 +19,19 @@ pub const MAX_LINE: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ControlRequest {
-    Add { pod: PodSpec },
-    Del { uid: String },
+    Add {
+        pod: PodSpec,
+    },
+    Del {
+        uid: String,
+    },
     List,
     Status,
+    /// A successor (a newer agent, an uninstall) asks this agent to let go of the node:
+    /// see [`super::handover`].
+    Handover {
+        by: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,6 +59,8 @@ pub struct ControlResponse {
     pub proxies: Option<Vec<i32>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pin_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handover: Option<super::handover::HandoverInfo>,
 }
 
 impl ControlResponse {
@@ -130,6 +141,14 @@ async fn handle(agent: &Agent, req: ControlRequest) -> ControlResponse {
         ControlRequest::Del { uid } => match agent.del_pod(&uid).await {
             Ok(()) => ControlResponse {
                 ok: true,
+                ..Default::default()
+            },
+            Err(e) => ControlResponse::err(e),
+        },
+        ControlRequest::Handover { by } => match agent.request_handover(by).await {
+            Ok(info) => ControlResponse {
+                ok: true,
+                handover: Some(info),
                 ..Default::default()
             },
             Err(e) => ControlResponse::err(e),

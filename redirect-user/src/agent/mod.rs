@@ -18,16 +18,17 @@
 
 pub mod control;
 pub mod discover;
+pub mod handover;
 pub mod metrics;
 pub mod peer;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -134,6 +135,10 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "this agent handed the node over to a newer one (or to an uninstall) and changes nothing any more"
+    )]
+    HandedOver,
 }
 
 struct Pod {
@@ -185,6 +190,15 @@ struct Inner {
     conns: Mutex<Vec<Conn>>,
     next_conn: AtomicU64,
     metrics: metrics::AgentMetrics,
+    /// Set once the agent handed the node over ([`Agent::hand_over`]): it changes
+    /// nothing any more (pods, the state file, the engine).
+    closed: AtomicBool,
+    /// Where handover requests go (the command running the agent listens), if anywhere.
+    handovers: Mutex<Option<mpsc::Sender<handover::Call>>>,
+    /// Pods taken back from an earlier run that no proxy of this run has answered for
+    /// yet: the agent is not ready while any is left (an upgrade's old proxy still
+    /// serves them).
+    adopted: Mutex<BTreeSet<String>>,
 }
 
 #[derive(Clone)]
@@ -211,6 +225,9 @@ impl Agent {
                 conns: Mutex::new(Vec::new()),
                 next_conn: AtomicU64::new(1),
                 metrics: metrics::AgentMetrics::default(),
+                closed: AtomicBool::new(false),
+                handovers: Mutex::new(None),
+                adopted: Mutex::new(BTreeSet::new()),
             }),
         };
         let saved: Vec<SavedPod> = match std::fs::read(&state_file) {
@@ -237,7 +254,10 @@ impl Agent {
                 source,
             });
             match netns.and_then(|netns| agent.enrol_locally(spec, netns)) {
-                Ok(()) => info!(uid, "agent: pod taken back after a restart"),
+                Ok(()) => {
+                    info!(uid, "agent: pod taken back after a restart");
+                    agent.inner.adopted.lock().unwrap().insert(uid);
+                }
                 Err(e) => {
                     warn!(uid, error = %e, "agent: pod of an earlier run let go");
                     let _ = agent.inner.engine.unenrol(&uid);
@@ -307,6 +327,9 @@ impl Agent {
             interfaces: None,
         };
         let _lifecycle = self.inner.lifecycle.lock().unwrap();
+        if self.handed_over() {
+            return Err(AgentError::HandedOver);
+        }
         let start = std::time::Instant::now();
         self.inner
             .engine
@@ -343,6 +366,14 @@ impl Agent {
     /// Saves the pod list, with `adding` in it (in place of the pod of that uid).
     fn persist_with(&self, adding: Option<&PodSpec>) {
         let _writing = self.inner.writing.lock().unwrap();
+        // The state file is the successor's now.
+        if !self.handed_over() {
+            self.write_state(adding);
+        }
+    }
+
+    /// Writes the state file, with `adding` in it; the caller holds `writing`.
+    fn write_state(&self, adding: Option<&PodSpec>) {
         let mut saved: Vec<SavedPod> = self
             .inner
             .pods
@@ -380,6 +411,9 @@ impl Agent {
     /// Adds (or re-adds) a pod: redirected at once, then handed to the newest proxy.
     /// Returns where it stands once the proxy answered (or that none is connected).
     pub async fn add_pod(&self, spec: PodSpec) -> Result<PodState, AgentError> {
+        if self.handed_over() {
+            return Err(AgentError::HandedOver);
+        }
         let uid = spec.uid.clone();
         let same = {
             let pods = self.inner.pods.lock().unwrap();
@@ -418,6 +452,9 @@ impl Agent {
     /// the removal. If the un-enrolment fails half-way the pod stays, `Releasing`, and
     /// is retried (the error is returned).
     pub async fn del_pod(&self, uid: &str) -> Result<(), AgentError> {
+        if self.handed_over() {
+            return Err(AgentError::HandedOver);
+        }
         let first = {
             let mut pods = self.inner.pods.lock().unwrap();
             let Some(p) = pods.get_mut(uid) else {
@@ -446,6 +483,19 @@ impl Agent {
         self.release(uid).await
     }
 
+    /// Removes every pod, each as [`Agent::del_pod`] does (an uninstall). Returns the
+    /// pods whose removal did not complete.
+    pub async fn release_all(&self) -> Vec<(String, AgentError)> {
+        let uids: Vec<String> = self.inner.pods.lock().unwrap().keys().cloned().collect();
+        let mut failed = Vec::new();
+        for uid in uids {
+            if let Err(e) = self.del_pod(&uid).await {
+                failed.push((uid, e));
+            }
+        }
+        failed
+    }
+
     /// Un-enrols a releasing pod (off the runtime); forgets it and saves that only once
     /// the un-enrolment completed.
     async fn release(&self, uid: &str) -> Result<(), AgentError> {
@@ -454,6 +504,9 @@ impl Agent {
         let result = blocking(move || {
             let uid = owned_uid;
             let _lifecycle = agent.inner.lifecycle.lock().unwrap();
+            if agent.handed_over() {
+                return Err(EnrolError::Closed { uid });
+            }
             let netns = {
                 let pods = agent.inner.pods.lock().unwrap();
                 match pods.get(&uid) {
@@ -546,9 +599,71 @@ impl Agent {
         if let Some(p) = self.inner.pods.lock().unwrap().get_mut(uid)
             && !p.state.releasing()
         {
+            if matches!(state, PodState::Ready | PodState::ProxyRefused(_)) {
+                self.inner.adopted.lock().unwrap().remove(uid);
+            }
             p.state = state;
             p.proxy_pid = pid;
         }
+    }
+
+    /// Pods taken back from an earlier run that no proxy of this run has answered for
+    /// yet (while any is left, an upgrade's old proxy may still be serving them).
+    pub fn takeover_pending(&self) -> usize {
+        let pods = self.inner.pods.lock().unwrap();
+        let mut adopted = self.inner.adopted.lock().unwrap();
+        adopted.retain(|uid| pods.get(uid).is_some_and(|p| !p.state.releasing()));
+        adopted.len()
+    }
+
+    /// True once the agent handed the node over: it changes nothing any more.
+    pub fn handed_over(&self) -> bool {
+        self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    /// From now on, handover requests (`redirect-user` of a newer agent, or an
+    /// uninstall, on the control socket) arrive here. Without a receiver they are
+    /// refused.
+    pub fn accept_handovers(&self) -> mpsc::Receiver<handover::Call> {
+        let (tx, rx) = mpsc::channel(4);
+        *self.inner.handovers.lock().unwrap() = Some(tx);
+        rx
+    }
+
+    /// Asks the command running this agent to hand the node over; its answer.
+    pub async fn request_handover(&self, by: String) -> Result<handover::HandoverInfo, String> {
+        let tx = self.inner.handovers.lock().unwrap().clone();
+        let Some(tx) = tx else {
+            return Err(
+                "this agent does not hand over (it is not run by `run` or `node-agent`)".into(),
+            );
+        };
+        let (reply, rx) = oneshot::channel();
+        tx.send(handover::Call { by, reply })
+            .await
+            .map_err(|_| "this agent is no longer taking handover requests".to_string())?;
+        rx.await
+            .map_err(|_| "the handover was abandoned".to_string())?
+    }
+
+    /// Lets go of everything shared with a successor: waits for an enrolment or a
+    /// removal under way, saves the pod list one last time, then stops changing
+    /// anything (pods, the state file) and closes the engine, which gives the pin
+    /// directory up. The pods stay redirected; their sockets in the engine stay until
+    /// the successor replaces them. Blocking: call it off the runtime. Returns the
+    /// cgroups this process's proxy is trusted by (the successor keeps trusting them
+    /// while this process lives, for its connections in flight).
+    pub fn hand_over(&self) -> Vec<u64> {
+        let _lifecycle = self.inner.lifecycle.lock().unwrap();
+        {
+            let _writing = self.inner.writing.lock().unwrap();
+            if !self.inner.closed.swap(true, Ordering::SeqCst) {
+                self.write_state(None);
+            }
+        }
+        let trusted = self.inner.engine.base_trust();
+        self.inner.engine.close();
+        trusted
     }
 
     /// Sends one pod to a proxy; on its ack, installs its listeners.

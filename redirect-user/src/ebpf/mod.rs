@@ -312,6 +312,58 @@ impl Engine {
         }
     }
 
+    /// Removes everything the engine keeps in the kernel and on bpffs: every pod is
+    /// un-enrolled (as [`Engine::unenrol`] does, so pods found pinned after a restart
+    /// are undone only in the maps: un-enrol those with [`Engine::unenrol_in`] first),
+    /// then the node's sock_ops link, the programs, the maps and the pin directory
+    /// itself. The engine is closed afterwards. Returns the pods whose un-enrolment
+    /// failed; with any, nothing else is removed.
+    pub fn purge(&self) -> Result<Vec<(String, EnrolError)>, EngineError> {
+        let failed: Vec<(String, EnrolError)> = self
+            .pods()
+            .into_iter()
+            .filter_map(|p| self.unenrol(&p.uid).err().map(|e| (p.uid, e)))
+            .collect();
+        if !failed.is_empty() {
+            return Ok(failed);
+        }
+        let inner = self.lock().take().ok_or(EngineError::Closed)?;
+        // Unpinned, the link goes with its last reference: the sock_ops program is
+        // detached from the cgroup2 root.
+        let link = host_probes::link_pin(&self.pin_dir);
+        match std::fs::remove_file(&link) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(EngineError::PinDir { path: link, source }),
+        }
+        // The programs and maps close with the loader's handles, the pins go with the
+        // directory; the lock is given up last.
+        let Inner {
+            ebpf,
+            maps,
+            _owner: owner,
+            ..
+        } = inner;
+        drop(maps);
+        drop(ebpf);
+        std::fs::remove_dir_all(&self.pin_dir).map_err(|source| EngineError::PinDir {
+            path: self.pin_dir.clone(),
+            source,
+        })?;
+        drop(owner);
+        info!(pin_dir = %self.pin_dir.display(), "redirect: engine purged: pods released, programs detached, pinned state removed");
+        Ok(Vec::new())
+    }
+
+    /// The cgroups this engine trusts for its whole life (its own proxy identity; 0
+    /// for the mark alone). Empty once closed.
+    pub fn base_trust(&self) -> Vec<u64> {
+        self.lock()
+            .as_ref()
+            .map(|i| i.trust.base())
+            .unwrap_or_default()
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }

@@ -85,6 +85,17 @@ impl PinOwner {
     }
 }
 
+/// Whether another engine holds `dir` now (a probe: the lock is not kept). False when
+/// the directory does not exist.
+pub fn held(dir: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(dir) else {
+        return false;
+    };
+    // SAFETY: flock on an fd we own; closing it gives the probe's lock up.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+}
+
 /// Who holds the lock on `dir`, from `/proc/locks`: "process <pid> (<command line>)".
 pub fn holder(dir: &Path) -> String {
     let Ok(md) = std::fs::metadata(dir) else {
@@ -155,9 +166,11 @@ mod tests {
         let err = PinOwner::acquire(&dir, Duration::from_millis(200)).unwrap_err();
         assert!(t.elapsed() >= Duration::from_millis(200));
         assert!(matches!(err, OwnerError::Busy { .. }), "{err}");
+        assert!(held(&dir), "the probe sees the first owner");
         assert!(err.to_string().contains("owned by another engine"), "{err}");
         // Given up, the directory can be taken.
         drop(first);
+        assert!(!held(&dir), "nobody holds it");
         let again = PinOwner::acquire(&dir, Duration::ZERO);
         assert!(again.is_ok());
         drop(again);

@@ -232,6 +232,23 @@ pub fn remove_if_empty(dir: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
+/// For a process the engine moved into `redirect-proxy-<pid>`, at its exit: back into
+/// the parent cgroup, and the cgroup made for it removed, so that nothing of ours is
+/// left behind. Its sockets are closing; nothing is trusted by this any more.
+pub fn leave_own_cgroup() {
+    let pid = std::process::id();
+    let Ok(dir) = cgroup_dir_of("self") else {
+        return;
+    };
+    if dir.file_name().and_then(|n| n.to_str()) != Some(&format!("{PROXY_CGROUP_PREFIX}{pid}")) {
+        return;
+    }
+    let Some(parent) = dir.parent() else { return };
+    if std::fs::write(parent.join("cgroup.procs"), pid.to_string()).is_ok() {
+        remove_if_empty(&dir);
+    }
+}
+
 /// Removes `redirect-proxy-<pid>` cgroups whose process is gone (left by earlier runs).
 /// A cgroup that still holds a process cannot be removed, so this never disturbs one.
 pub fn remove_stale() {
@@ -293,6 +310,11 @@ impl TrustTable {
             base: base.into_iter().collect(),
             ..Self::default()
         }
+    }
+
+    /// The ids trusted for the engine's whole life (its own identity).
+    pub fn base(&self) -> Vec<u64> {
+        self.base.iter().copied().collect()
     }
 
     /// Keeps `ids` (found pinned, already checked) until `until` unless claimed.

@@ -59,6 +59,47 @@ pub const MAX_HEADER_LIST: u32 = 16 << 10;
 /// closes it.
 pub const KEEPALIVE: Duration = Duration::from_secs(30);
 
+/// Set once this process's inbound servers are to wind down (a proxy that handed its
+/// pods over and is stopping): each connection is told GOAWAY, finishes its streams
+/// and closes; the clients open new connections (to the successor's listeners).
+static SERVERS_DRAINING: std::sync::LazyLock<tokio::sync::watch::Sender<bool>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::Sender::new(false));
+/// Inbound connections this process serves now.
+static SERVER_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// Winds every inbound HBONE connection of this process down (see
+/// [`SERVERS_DRAINING`]); [`server_connections`] tells when they are gone.
+pub fn drain_servers() {
+    SERVERS_DRAINING.send_replace(true);
+}
+
+/// Inbound HBONE connections this process serves now.
+pub fn server_connections() -> usize {
+    SERVER_CONNECTIONS.load(Ordering::SeqCst)
+}
+
+/// Counts one inbound connection while it lives.
+struct ServerConnection;
+
+impl ServerConnection {
+    fn new() -> Self {
+        SERVER_CONNECTIONS.fetch_add(1, Ordering::SeqCst);
+        Self
+    }
+}
+
+impl Drop for ServerConnection {
+    fn drop(&mut self) {
+        SERVER_CONNECTIONS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A stream the server refused unserved (GOAWAY, REFUSED_STREAM): safe to try again on
+/// another connection.
+fn refused(e: &h2::Error) -> bool {
+    e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
+}
+
 /// Why an inbound CONNECT is refused, with the status it gets.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -386,8 +427,24 @@ impl Pool {
     }
 
     /// Opens one stream to `o.target` through the peer's 15008; returns once the peer
-    /// answered 200 (its connection to the app is up).
+    /// answered 200 (its connection to the app is up). A stream refused by a server
+    /// winding down (GOAWAY) is opened again on another connection.
     pub async fn open(&self, o: &Outbound<'_>) -> io::Result<H2Io> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.open_once(o).await {
+                Err(Opened::Refused(e)) if tries < 3 => {
+                    debug!(tunnel = %o.tunnel, error = %e, "hbone: stream refused by a server winding down, trying another connection");
+                }
+                Err(Opened::Refused(e)) => return Err(h2_io_error(e)),
+                Err(Opened::Failed(e)) => return Err(e),
+                Ok(io) => return Ok(io),
+            }
+        }
+    }
+
+    async fn open_once(&self, o: &Outbound<'_>) -> Result<H2Io, Opened> {
         let key = PoolKey {
             src: o.src.clone(),
             dst: o.dst.clone(),
@@ -417,7 +474,7 @@ impl Pool {
                     if let Some((at, kind, why)) = &slot.failed
                         && at.elapsed() < FAIL_FAST
                     {
-                        return Err(io::Error::new(*kind, why.clone()));
+                        return Err(Opened::Failed(io::Error::new(*kind, why.clone())));
                     }
                     match self.connect(o, &key).await {
                         Ok(p) => {
@@ -427,16 +484,29 @@ impl Pool {
                         }
                         Err(e) => {
                             slot.failed = Some((Instant::now(), e.kind(), e.to_string()));
-                            return Err(e);
+                            return Err(Opened::Failed(e));
                         }
                     }
                 }
             };
             let p = &slot.conns[i];
             p.streams.fetch_add(1, Ordering::AcqRel);
-            (p.send.clone(), StreamGuard(p.streams.clone()))
+            (
+                (p.send.clone(), p.closed.clone()),
+                StreamGuard(p.streams.clone()),
+            )
         };
-        let mut send = send.ready().await.map_err(h2_io_error)?;
+        let (send, closed) = send;
+        // A refusal means the connection takes no new streams: never pick it again.
+        let sort = |e: h2::Error| {
+            if refused(&e) {
+                closed.store(true, Ordering::Release);
+                Opened::Refused(e)
+            } else {
+                Opened::Failed(h2_io_error(e))
+            }
+        };
+        let mut send = send.ready().await.map_err(sort)?;
         let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri(authority_uri(o.target))
@@ -444,14 +514,16 @@ impl Pool {
         if let Some(tp) = traceparent() {
             req = req.header("traceparent", tp);
         }
-        let req = req.body(()).map_err(io::Error::other)?;
-        let (resp, stream) = send.send_request(req, false).map_err(h2_io_error)?;
-        let resp = resp.await.map_err(h2_io_error)?;
+        let req = req
+            .body(())
+            .map_err(|e| Opened::Failed(io::Error::other(e)))?;
+        let (resp, stream) = send.send_request(req, false).map_err(sort)?;
+        let resp = resp.await.map_err(sort)?;
         if resp.status() != StatusCode::OK {
-            return Err(io::Error::new(
+            return Err(Opened::Failed(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
                 format!("HBONE peer {} answered {}", o.tunnel, resp.status()),
-            ));
+            )));
         }
         Ok(H2Io::new(stream, resp.into_body(), Some(guard)))
     }
@@ -501,6 +573,13 @@ impl Pool {
             driver: driver.abort_handle(),
         })
     }
+}
+
+/// Why a stream could not be opened.
+enum Opened {
+    /// The server refused it unserved: another connection may take it.
+    Refused(h2::Error),
+    Failed(io::Error),
 }
 
 /// Drives a pooled connection; closes it after [`POOL_IDLE`] without streams. Its key
@@ -677,6 +756,9 @@ pub(crate) async fn serve_connection<I, T>(
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let peer_id = peer_id.map(Arc::new);
+    let _counted = ServerConnection::new();
+    let mut draining = SERVERS_DRAINING.subscribe();
+    let mut winding_down = false;
     // Pings run beside the connection, which must go on being driven (by `accept`) for
     // the pong to be read at all.
     let dead = Arc::new(tokio::sync::Notify::new());
@@ -717,6 +799,13 @@ pub(crate) async fn serve_connection<I, T>(
             () = dead.notified() => {
                 info!(pod = inbound.pod(), %peer, "hbone: peer did not answer a ping, connection closed");
                 break;
+            }
+            told = async { draining.wait_for(|d| *d).await.is_ok() }, if !winding_down => {
+                winding_down = true;
+                if told {
+                    debug!(pod = inbound.pod(), %peer, "hbone: winding down, GOAWAY sent");
+                    conn.graceful_shutdown();
+                }
             }
         }
     }

@@ -105,6 +105,8 @@ pub struct ProxyMetrics {
     pub pending_pods: Gauge,
     /// Connected to the node agent and its snapshot received.
     ready: AtomicBool,
+    /// Connections open now (opened and not yet closed), all pods together.
+    open: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ProxyMetrics {
@@ -168,9 +170,16 @@ impl ProxyMetrics {
         })
     }
 
+    /// Connections open now: what a draining proxy waits for.
+    pub fn open_connections(&self) -> u64 {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn track(&self, labels: TcpLabels) -> Tracked {
         self.opened.get_or_create(&labels).inc();
+        self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Tracked {
+            open: self.open.clone(),
             received: self.received.get_or_create_owned(&labels),
             sent: self.sent.get_or_create_owned(&labels),
             closed: self.closed.get_or_create_owned(&labels),
@@ -247,6 +256,7 @@ fn labels(
 /// One open connection: counted closed when dropped.
 #[derive(Debug)]
 pub struct Tracked {
+    open: Arc<std::sync::atomic::AtomicU64>,
     received: Counter,
     sent: Counter,
     closed: Counter,
@@ -282,6 +292,7 @@ impl Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         self.closed.inc();
     }
 }

@@ -8,10 +8,21 @@
 //! grace period (default 5 s, upstream's), then are cancelled, so nothing of the pod
 //! (sockets, its namespace fd) outlives it by more than that.
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use redirect_ebpf::PROXY_MARK;
-use tokio::{sync::mpsc::UnboundedSender, task::JoinSet};
+use tokio::{
+    sync::{Notify, mpsc::UnboundedSender},
+    task::JoinSet,
+};
 use tokio_seqpacket::UnixSeqpacket;
 use tracing::{info, warn};
 
@@ -50,6 +61,29 @@ pub struct ProxyConfig {
     pub mesh: Option<Arc<Mesh>>,
 }
 
+/// What the command running a proxy can do to it from outside its task: detach it
+/// from its agent for good (a handover: the agent socket's path is the successor's
+/// now). Its open connections are counted in its metrics
+/// ([`ProxyMetrics::open_connections`]).
+#[derive(Debug, Default)]
+pub struct ProxyHandle {
+    detached: AtomicBool,
+    wake: Notify,
+}
+
+impl ProxyHandle {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Never connects to the agent socket again; the pods served go on being served
+    /// (their listeners open, their connections running) until the task ends.
+    pub fn detach(&self) {
+        self.detached.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+}
+
 /// A pod whose listeners could not start yet.
 struct Pending {
     netns: Netns,
@@ -66,6 +100,7 @@ pub struct InpodProxy {
     draining: JoinSet<()>,
     grace: Duration,
     metrics: Option<Arc<ProxyMetrics>>,
+    handle: Arc<ProxyHandle>,
 }
 
 impl InpodProxy {
@@ -82,7 +117,14 @@ impl InpodProxy {
             draining: JoinSet::new(),
             grace: DEFAULT_GRACE,
             metrics: None,
+            handle: ProxyHandle::new(),
         }
+    }
+
+    /// Controlled through `h` (see [`ProxyHandle`]).
+    pub fn with_handle(mut self, h: Arc<ProxyHandle>) -> Self {
+        self.handle = h;
+        self
     }
 
     /// Counts connections and bytes of every pod, and the proxy's own state, in `m`.
@@ -128,10 +170,14 @@ impl InpodProxy {
         });
     }
 
-    /// Runs until the task is dropped: connect, serve, reconnect.
+    /// Runs until the task is dropped: connect, serve, reconnect; once detached, only
+    /// serve.
     pub async fn run(mut self) {
         let mut backoff = BACKOFF_START;
         loop {
+            if self.handle.detached.load(Ordering::SeqCst) {
+                return self.serve_detached().await;
+            }
             match UnixSeqpacket::connect(&self.cfg.socket).await {
                 Ok(sock) => {
                     backoff = BACKOFF_START;
@@ -146,9 +192,23 @@ impl InpodProxy {
                     tracing::debug!(error = %e, ?backoff, "inpod: node agent not reachable");
                 }
             }
-            tokio::time::sleep(backoff).await;
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = self.handle.wake.notified() => {}
+            }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
+    }
+
+    /// Detached from the agent: the pods' listeners and connections go on until the
+    /// task is dropped.
+    async fn serve_detached(self) {
+        info!(
+            pods = self.running.len(),
+            "inpod: detached from the node agent (handed over); serving the pods' connections until stopped"
+        );
+        self.observe(Some(false));
+        std::future::pending::<()>().await
     }
 
     async fn serve(&mut self, sock: &UnixSeqpacket) -> std::io::Result<()> {
