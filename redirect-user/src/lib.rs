@@ -8,6 +8,7 @@
 //! - [`k8s`]: the pods of the mesh from the Kubernetes API (watch, /proc discovery).
 //! - [`membership`]: which pods belong to the mesh (the CNI plugin asks, the cluster answers).
 //! - [`cni`]: the chained CNI plugin, the agent's plugin socket, the CNI configuration.
+//! - [`interrupt`]: what the demo, tests and benches made, removed on SIGINT/SIGTERM.
 
 pub mod admin;
 pub mod agent;
@@ -16,6 +17,7 @@ pub mod cni;
 pub mod demo;
 pub mod demo_mesh;
 pub mod ebpf;
+pub mod interrupt;
 pub mod k8s;
 pub mod membership;
 pub mod netlink;
