@@ -289,6 +289,7 @@ struct Stats {
 #[allow(clippy::too_many_arguments)]
 fn run_rounds(
     topo: &Topology,
+    nss: &BTreeMap<String, Netns>,
     control: &Control,
     pin: &Path,
     pid: i32,
@@ -307,7 +308,7 @@ fn run_rounds(
             targets.push(SocketAddr::new(s.addr(v6), APP_PORT));
         }
         threads.push(traffic(
-            topo.host(p).netns()?,
+            nss[p].try_clone()?,
             targets,
             Duration::from_millis(20),
             stop.clone(),
@@ -321,7 +322,7 @@ fn run_rounds(
             .flat_map(|&port| [false, true].map(|v6| SocketAddr::new(c.addr(v6), port)))
             .collect();
         threads.push(traffic(
-            s.netns()?,
+            nss["s"].try_clone()?,
             targets,
             Duration::ZERO,
             stop.clone(),
@@ -349,7 +350,7 @@ fn run_rounds(
                 });
             }
             let rounds = stats.rounds.fetch_add(1, Ordering::Relaxed) + 1;
-            if rounds % 10 == 0 {
+            if rounds.is_multiple_of(10) {
                 let rss = rss_kib(pid);
                 stats.rss_over_time.lock().unwrap().push((now, rss));
                 println!(
@@ -421,6 +422,11 @@ fn main() -> Result<()> {
         tune_for_churn(&ns)?;
     }
 
+    // Opened once: the handles keep the namespaces whatever happens to their names.
+    let nss: BTreeMap<String, Netns> = all_pods
+        .iter()
+        .map(|p| Ok((p.clone(), topo.host(p).netns()?)))
+        .collect::<Result<_>>()?;
     let base = topo.prefix().to_string();
     let dir = std::env::temp_dir().join(format!("{base}-soak"));
     let pin = PathBuf::from(format!("/sys/fs/bpf/{base}-soak"));
@@ -483,7 +489,9 @@ fn main() -> Result<()> {
     // Warm-up under traffic (the proxy's pools, the allocator's arenas), then the start
     // is sampled at rest, then the soak proper, then the end at rest.
     let warm = (length / 5).clamp(Duration::from_secs(5), Duration::from_secs(60));
-    run_rounds(&topo, &control, &pin, pid, &cycling, warm, began, &stats)?;
+    run_rounds(
+        &topo, &nss, &control, &pin, pid, &cycling, warm, began, &stats,
+    )?;
     let start = sample(pid, &pin, &topo, &all_pods)?;
     let flows_start = flows_fill(&pin)?;
     println!(
@@ -495,6 +503,7 @@ fn main() -> Result<()> {
     );
     run_rounds(
         &topo,
+        &nss,
         &control,
         &pin,
         pid,
@@ -655,7 +664,8 @@ fn main() -> Result<()> {
     )?;
     drop(agent);
     if !failures.is_empty() {
-        std::process::exit(1);
+        // Returned, not exit(): the topology and directories are removed on the way out.
+        bail!("the soak failed: {}", failures.len());
     }
     Ok(())
 }
