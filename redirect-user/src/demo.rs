@@ -24,8 +24,21 @@ use crate::{
     topology::Topology,
 };
 
-/// Removes a directory (a pin directory, a temporary one) when dropped, on failure too.
-pub(crate) struct RemoveOnDrop(pub PathBuf);
+/// Removes a directory (a pin directory, a temporary one) when dropped, on failure
+/// too, and on SIGINT or SIGTERM.
+pub(crate) struct RemoveOnDrop(
+    pub PathBuf,
+    #[allow(dead_code, reason = "held: dropping it takes the entry out")]
+    crate::interrupt::Registered,
+);
+
+impl RemoveOnDrop {
+    pub(crate) fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let registered = crate::interrupt::path(&path);
+        Self(path, registered)
+    }
+}
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -75,7 +88,7 @@ pub fn ask(netns: &Netns, to: SocketAddr, line: &str) -> Result<String> {
 }
 
 pub async fn run() -> Result<()> {
-    let pin_guard = RemoveOnDrop(PathBuf::from("/sys/fs/bpf/redirect-demo"));
+    let pin_guard = RemoveOnDrop::new("/sys/fs/bpf/redirect-demo");
     let pin_dir = pin_guard.0.clone();
     println!(
         "== building the topology: pods a and b, outside peer c, on a bridge in a node namespace"

@@ -8,7 +8,6 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -139,8 +138,8 @@ pub async fn run() -> Result<usize> {
     for p in &PODS {
         topo.add_host_on(p.node, p.name, p.n)?;
     }
-    let ca_dir = RemoveOnDrop(std::env::temp_dir().join(format!("{}-ca", topo.prefix())));
-    let pin_dir = RemoveOnDrop(PathBuf::from(PIN_DIR));
+    let ca_dir = RemoveOnDrop::new(std::env::temp_dir().join(format!("{}-ca", topo.prefix())));
+    let pin_dir = RemoveOnDrop::new(PIN_DIR);
     let _ = std::fs::remove_dir_all(&pin_dir.0); // a crashed run's leftovers
     let (h1, h2) = (topo.host("m1"), topo.host("m2"));
     let (n1, n2) = (h1.netns()?, h2.netns()?);

@@ -10,6 +10,7 @@
 //! - [`cni`]: the chained CNI plugin, the agent's plugin socket, the CNI configuration.
 //! - [`privileges`]: the capabilities each mode needs, checked at start.
 //! - [`fuzz`]: the fuzz targets' entry points: each decoder of untrusted bytes, with its properties.
+//! - [`interrupt`]: what the demo, tests and benches made, removed on SIGINT/SIGTERM.
 
 pub mod admin;
 pub mod agent;
@@ -19,6 +20,7 @@ pub mod demo;
 pub mod demo_mesh;
 pub mod ebpf;
 pub mod fuzz;
+pub mod interrupt;
 pub mod k8s;
 pub mod membership;
 pub mod netlink;

@@ -1,7 +1,8 @@
 //! Throwaway network topologies for the demo, the tests and the benchmarks: a node
 //! namespace holding a bridge, and hosts (pods, outside peers) in namespaces of their
 //! own, each wired to the bridge by a veth pair, with IPv4 and IPv6 addresses.
-//! Everything is removed when the [`Topology`] is dropped, on panic too.
+//! Everything is removed when the [`Topology`] is dropped, on panic too, and on SIGINT
+//! or SIGTERM ([`crate::interrupt`]).
 //!
 //! [`Topology::two_nodes`] builds two such nodes, routed to each other over one veth
 //! pair named `wire` (see its documentation for the addressing).
@@ -54,6 +55,8 @@ pub struct Topology {
     /// Routed addressing (two nodes) rather than one flat /16 (one node).
     routed: bool,
     hosts: Vec<Host>,
+    /// Every namespace made, registered for removal on SIGINT/SIGTERM while it exists.
+    registered: Vec<crate::interrupt::Registered>,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -167,6 +170,7 @@ impl Topology {
             subnet: 100 + (seq % 150) as u8,
             routed,
             hosts: Vec::new(),
+            registered: Vec::new(),
         }
     }
 
@@ -180,6 +184,7 @@ impl Topology {
             format!("{}-node{k}", self.prefix)
         };
         ip(&["netns", "add", &ns])?;
+        self.registered.push(crate::interrupt::netns(&ns));
         self.nodes.push(ns.clone());
         if self.routed {
             no_dad(&ns)?;
@@ -230,6 +235,7 @@ impl Topology {
         let node_ns = self.nodes[node - 1].clone();
         let ns = format!("{}-{name}", self.prefix);
         ip(&["netns", "add", &ns])?;
+        self.registered.push(crate::interrupt::netns(&ns));
         let (v4, v6, plen4) = if self.routed {
             (
                 Ipv4Addr::new(10, self.subnet, node as u8, n as u8),

@@ -49,6 +49,8 @@ fn measure(pods: usize) -> Result<Row> {
         topo.add_host(&format!("p{i}"), 10 + i as u16)?;
     }
     let pin = format!("/sys/fs/bpf/rbench-{}-{pods}", std::process::id());
+    // Removed below, and on SIGINT/SIGTERM.
+    let _pin = redirect_tests::process::RemoveDir::new(&pin);
     let engine = Engine::open(EngineConfig::at(&pin))?;
     let nss: Vec<Netns> = (0..pods)
         .map(|i| topo.host(&format!("p{i}")).netns())
@@ -110,7 +112,7 @@ fn agent_rss_per_pod(topo: &Topology, pods: usize) -> Result<f64> {
     let base = format!("rbench-agent-{}-{pods}", std::process::id());
     let dir = std::env::temp_dir().join(&base);
     let pin = format!("/sys/fs/bpf/{base}");
-    let _cleanup = (RemoveDir(dir.clone()), RemoveDir(pin.clone().into()));
+    let _cleanup = (RemoveDir::new(dir.clone()), RemoveDir::new(pin.clone()));
     let d = dir.to_string_lossy().into_owned();
     let agent = Proc::node_agent(&dir, &pin, &dir.join("agent.log"));
     wait_for("agent control socket", 15, || {

@@ -467,7 +467,7 @@ fn run_bounded(
     limit: Duration,
 ) -> Result<(std::process::ExitStatus, String, String)> {
     let (out, err) = (dir.join("tool.out"), dir.join("tool.err"));
-    let mut child = redirect_tests::process::Proc(
+    let mut child = redirect_tests::process::Proc::adopt(
         cmd.env("TMPDIR", dir)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out)?)
@@ -515,7 +515,7 @@ fn listening(ns: &Netns, port: u16) -> bool {
 /// iperf3, one stream from pod a to `iperf3 -s -1` in pod b, `secs` long.
 fn iperf3(t: &Tools, server_ns: &Netns, b: IpAddr, secs: u32) -> Result<Iperf> {
     let port = IPERF_PORT.to_string();
-    let _server = redirect_tests::process::Proc(
+    let _server = redirect_tests::process::Proc::adopt(
         Command::new("ip")
             .args([
                 "netns", "exec", &t.server, "iperf3", "-s", "-1", "-p", &port,
@@ -950,8 +950,8 @@ fn external(
     let base = m.base();
     let dir = PathBuf::from(format!("/tmp/{base}-ext"));
     let _cleanup = (
-        RemoveDir(dir.clone()),
-        RemoveDir(format!("/sys/fs/bpf/{base}-ext").into()),
+        RemoveDir::new(dir.clone()),
+        RemoveDir::new(format!("/sys/fs/bpf/{base}-ext")),
     );
     std::fs::create_dir_all(&dir)?;
     let sock = dir.join("zds.sock");
@@ -975,7 +975,7 @@ fn external(
         })
     };
     let log = std::fs::File::create(dir.join("proxy.log"))?;
-    let mut proxy = redirect_tests::process::Proc(
+    let mut proxy = redirect_tests::process::Proc::adopt(
         std::process::Command::new("ip")
             .args(["netns", "exec", m.topo.node(), bin])
             .env("INPOD_UDS", &sock)
@@ -1100,7 +1100,7 @@ fn main() -> Result<()> {
     // The CA of the HBONE rows and the tools' files; removed at the end, on failure too.
     let dir = std::env::temp_dir().join(format!("{}-mesh", m.base()));
     std::fs::create_dir_all(&dir)?;
-    let _dir = RemoveDir(dir.clone());
+    let _dir = RemoveDir::new(dir.clone());
     let ca = Arc::new(LocalCa::open_or_create(&dir.join("ca"))?);
     let tools = Tools::find(dir, &m.host("a").name, &m.host("b").name)?;
     for p in ["a", "b"] {

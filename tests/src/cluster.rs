@@ -122,8 +122,8 @@ impl Cluster {
         let base = topo.prefix().to_string();
         let dir = std::env::temp_dir().join(format!("{base}-cluster"));
         std::fs::create_dir_all(&dir)?;
-        let dirs = vec![RemoveDir(dir.clone())];
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{base}"));
+        let dirs = vec![RemoveDir::new(dir.clone()), RemoveDir::new(pin_dir.clone())];
         let engine = Engine::open(EngineConfig::at(&pin_dir)).context("opening the engine")?;
         let ca = Arc::new(LocalCa::open_or_create(&dir.join("ca"))?);
         let rt = tokio::runtime::Builder::new_multi_thread()

@@ -31,7 +31,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicU32, Ordering},
     },
     time::{Duration, Instant},
@@ -358,8 +358,10 @@ pub struct Runtime {
     primary: Value,
     containerd: Option<Child>,
     /// Sandbox and container ids ever created here, and the netns paths seen.
-    created: Mutex<Created>,
+    created: Arc<Mutex<Created>>,
     counted: bool,
+    /// containerd's process and this runtime's traces, removed on SIGINT/SIGTERM.
+    interrupt: Vec<redirect_user::interrupt::Registered>,
 }
 
 #[derive(Default)]
@@ -401,9 +403,11 @@ impl Runtime {
             net,
             primary: Value::Null,
             containerd: None,
-            created: Mutex::new(Created::default()),
+            created: Arc::new(Mutex::new(Created::default())),
             counted: true,
+            interrupt: Vec::new(),
         };
+        r.interrupt.push(r.on_interrupt());
         // From here on, Drop cleans up whatever was made.
         let t = Instant::now();
         r.prepare(&cni)?;
@@ -534,6 +538,8 @@ disabled_plugins = [
             .stderr(log)
             .spawn()
             .context("cri: starting containerd (install containerd: cargo xtask setup)")?;
+        self.interrupt
+            .push(redirect_user::interrupt::process(child.id()));
         self.containerd = Some(child);
         Ok(())
     }
@@ -918,20 +924,22 @@ disabled_plugins = [
     /// What identifies this runtime's traces on the host, to check after drop that
     /// none is left ([`Footprint::leftovers`]).
     pub fn footprint(&self) -> Footprint {
-        let created = self.created.lock().unwrap();
-        Footprint {
-            name: self.name.clone(),
-            dir: self.dir.clone(),
-            bridge: self.net.bridge.clone(),
-            network: self.net.network.clone(),
-            ids: created
-                .sandboxes
-                .iter()
-                .chain(&created.containers)
-                .cloned()
-                .collect(),
-            netns: created.netns.iter().cloned().collect(),
-        }
+        footprint(&self.name, &self.dir, &self.net, &self.created)
+    }
+
+    /// What removes this runtime's traces if the process is interrupted (SIGINT,
+    /// SIGTERM): no CRI calls then, containerd is killed first, its shims and the pods'
+    /// processes here.
+    fn on_interrupt(&self) -> redirect_user::interrupt::Registered {
+        let (name, dir, net, created) = (
+            self.name.clone(),
+            self.dir.clone(),
+            self.net.clone(),
+            self.created.clone(),
+        );
+        redirect_user::interrupt::custom(&format!("cri runtime {name}"), move || {
+            remove_traces(&footprint(&name, &dir, &net, &created));
+        })
     }
 
     /// Everything, best effort: sandboxes through the CRI, then containerd, then what is
@@ -965,37 +973,8 @@ disabled_plugins = [
         if let Some(mut child) = self.containerd.take() {
             stop_process(&mut child);
         }
-        let fp = self.footprint();
-        // Shims outlive containerd: each names containerd's socket in its arguments.
-        let socket = self.socket().display().to_string();
-        for pid in processes_with_arg(|a| a == socket || under(a, &fp.dir)) {
-            kill(pid);
-        }
-        for pid in cgroup_processes(&self.name) {
-            kill(pid);
-        }
-        unmount_under(&self.dir);
-        for ns in &fp.netns {
-            let _ = nix::mount::umount2(ns, nix::mount::MntFlags::MNT_DETACH);
-            let _ = fs::remove_file(ns);
-        }
-        for id in &fp.ids {
-            let _ = fs::remove_dir_all(Path::new(RUNC_STATE).join(id));
-            let _ = fs::remove_file(shim_socket(&socket, id));
-            for f in [
-                format!("{}-{id}-eth0", self.net.network),
-                format!("cni-loopback-{id}-lo"),
-            ] {
-                let _ = fs::remove_file(Path::new(CNI_RESULTS).join(f));
-            }
-        }
-        if Path::new("/sys/class/net").join(&self.net.bridge).exists() {
-            let _ = Command::new("ip")
-                .args(["link", "del", &self.net.bridge])
-                .output();
-        }
-        remove_cgroups(&self.name);
-        let _ = fs::remove_dir_all(&self.dir);
+        remove_traces(&self.footprint());
+        self.interrupt.clear();
         if self.counted {
             self.counted = false;
             LIVE.lock().unwrap_or_else(|e| e.into_inner()).leave();
@@ -1011,6 +990,59 @@ impl Drop for Runtime {
             rt.shutdown_background();
         }
     }
+}
+
+fn footprint(name: &str, dir: &Path, net: &BridgeNet, created: &Mutex<Created>) -> Footprint {
+    let created = created.lock().unwrap_or_else(|e| e.into_inner());
+    Footprint {
+        name: name.to_string(),
+        dir: dir.to_path_buf(),
+        bridge: net.bridge.clone(),
+        network: net.network.clone(),
+        ids: created
+            .sandboxes
+            .iter()
+            .chain(&created.containers)
+            .cloned()
+            .collect(),
+        netns: created.netns.iter().cloned().collect(),
+    }
+}
+
+/// What is left of a runtime on the host once containerd is stopped: shims and pod
+/// processes, mounts, netns files, runc state, shim sockets, cached CNI results, the
+/// bridge, cgroups, the directory.
+fn remove_traces(fp: &Footprint) {
+    // Shims outlive containerd: each names containerd's socket in its arguments.
+    let socket = fp.dir.join("c.sock").display().to_string();
+    for pid in processes_with_arg(|a| a == socket || under(a, &fp.dir)) {
+        kill(pid);
+    }
+    for pid in cgroup_processes(&fp.name) {
+        kill(pid);
+    }
+    unmount_under(&fp.dir);
+    for ns in &fp.netns {
+        let _ = nix::mount::umount2(ns, nix::mount::MntFlags::MNT_DETACH);
+        let _ = fs::remove_file(ns);
+    }
+    for id in &fp.ids {
+        let _ = fs::remove_dir_all(Path::new(RUNC_STATE).join(id));
+        let _ = fs::remove_file(shim_socket(&socket, id));
+        for f in [
+            format!("{}-{id}-eth0", fp.network),
+            format!("cni-loopback-{id}-lo"),
+        ] {
+            let _ = fs::remove_file(Path::new(CNI_RESULTS).join(f));
+        }
+    }
+    if Path::new("/sys/class/net").join(&fp.bridge).exists() {
+        let _ = Command::new("ip")
+            .args(["link", "del", &fp.bridge])
+            .output();
+    }
+    remove_cgroups(&fp.name);
+    let _ = fs::remove_dir_all(&fp.dir);
 }
 
 /// Network and IPC shared by the pod, PID per container: a kubelet's default pod.
@@ -1219,7 +1251,7 @@ fn under(arg: &str, dir: &Path) -> bool {
 }
 
 /// A dropped runtime's identifying traces.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Footprint {
     pub name: String,
     pub dir: PathBuf,

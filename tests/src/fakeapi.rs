@@ -78,6 +78,8 @@ pub struct FakeApi {
     inner: Arc<Inner>,
     rt: Option<tokio::runtime::Runtime>,
     dir: PathBuf,
+    /// The directory, removed on SIGINT/SIGTERM.
+    _interrupt: redirect_user::interrupt::Registered,
 }
 
 impl Drop for FakeApi {
@@ -129,12 +131,14 @@ impl FakeApi {
             }
         });
         let dir = std::env::temp_dir().join(format!("fakeapi-{tag}-{}", std::process::id()));
+        let interrupt = redirect_user::interrupt::path(&dir);
         std::fs::create_dir_all(&dir)?;
         let api = FakeApi {
             addr,
             inner,
             rt: Some(rt),
             dir,
+            _interrupt: interrupt,
         };
         std::fs::write(
             api.kubeconfig(),

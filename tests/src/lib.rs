@@ -27,15 +27,18 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use redirect_user::proxy::{
-    registry::{Protocol, Transport, Workload},
-    relay::Relay,
-};
 pub use redirect_user::{
     ebpf::{Engine, EngineConfig, EnrolOutcome, PodOptions, ProxyIdentity},
     netns::Netns,
     proxy::{PodListeners, relay::AcceptEvent},
     topology::{Host, Topology},
+};
+use redirect_user::{
+    interrupt::Registered,
+    proxy::{
+        registry::{Protocol, Transport, Workload},
+        relay::Relay,
+    },
 };
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -53,6 +56,8 @@ pub struct Mesh {
     mesh_pods: Mutex<HashMap<String, Arc<redirect_user::proxy::mesh::Mesh>>>,
     tx: UnboundedSender<AcceptEvent>,
     rx: Mutex<UnboundedReceiver<AcceptEvent>>,
+    /// The pin directory, removed on SIGINT/SIGTERM (the topology registers its own).
+    _interrupt: Registered,
 }
 
 impl Mesh {
@@ -85,6 +90,7 @@ impl Mesh {
             "/sys/fs/bpf/{}",
             topo.node().trim_end_matches("-node")
         ));
+        let interrupt = redirect_user::interrupt::path(&pin_dir);
         let mut config = EngineConfig::at(&pin_dir);
         cfg(&mut config);
         let engine = match Engine::open(config) {
@@ -109,6 +115,7 @@ impl Mesh {
             mesh_pods: Mutex::new(HashMap::new()),
             tx,
             rx: Mutex::new(rx),
+            _interrupt: interrupt,
         })
     }
 
@@ -437,8 +444,10 @@ pub fn lines(s: &str) -> Vec<String> {
 /// A cgroup v2 group for processes that play an app: not the proxy's cgroup.
 pub struct AppCgroup {
     pub path: PathBuf,
-    /// Made by this fixture (and removed when dropped); false for the root cgroup.
+    /// Made by this fixture (and removed when dropped, or on SIGINT/SIGTERM); false
+    /// for the root cgroup.
     made: bool,
+    _interrupt: Option<Registered>,
 }
 
 impl AppCgroup {
@@ -446,14 +455,26 @@ impl AppCgroup {
         let root = redirect_user::ebpf::cgroup2_mount().context("no cgroup2 mounted")?;
         let path = root.join(format!("redirect-test-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&path)?;
-        Ok(Self { path, made: true })
+        let p = path.clone();
+        let interrupt = redirect_user::interrupt::custom("app cgroup", move || {
+            let _ = std::fs::remove_dir(&p);
+        });
+        Ok(Self {
+            path,
+            made: true,
+            _interrupt: Some(interrupt),
+        })
     }
 
     /// The root of the cgroup2 hierarchy, where every process of this kind of machine
     /// sits unless moved: apps that nobody sorted into a cgroup.
     pub fn root() -> Result<Self> {
         let path = redirect_user::ebpf::cgroup2_mount().context("no cgroup2 mounted")?;
-        Ok(Self { path, made: false })
+        Ok(Self {
+            path,
+            made: false,
+            _interrupt: None,
+        })
     }
 
     /// The cgroup id (`bpf_skb_cgroup_id` of its sockets).
@@ -654,12 +675,23 @@ pub mod process {
         time::{Duration, Instant},
     };
 
+    use redirect_user::interrupt::Registered;
+
     use super::redirect_user_bin;
 
-    /// A child process killed when dropped (on failure too).
-    pub struct Proc(pub Child);
+    /// A child process killed when dropped (on failure too), or on SIGINT/SIGTERM.
+    pub struct Proc(
+        pub Child,
+        #[allow(dead_code, reason = "held: dropping it takes the entry out")] Registered,
+    );
 
     impl Proc {
+        /// Takes `child` in: killed when this is dropped, or on SIGINT/SIGTERM.
+        pub fn adopt(child: Child) -> Proc {
+            let registered = redirect_user::interrupt::process(child.id());
+            Proc(child, registered)
+        }
+
         /// `redirect-user ARGS…`, its logs to `log`.
         pub fn spawn(args: &[&str], log: &Path) -> Proc {
             let out = std::fs::File::create(log).unwrap();
@@ -670,7 +702,7 @@ pub mod process {
                 .stderr(out)
                 .spawn()
                 .unwrap();
-            Proc(child)
+            Proc::adopt(child)
         }
 
         /// `redirect-user ARGS…` started inside the cgroup at `cgroup` (its directory
@@ -713,7 +745,7 @@ pub mod process {
                     Ok(())
                 });
             }
-            Proc(cmd.spawn().unwrap())
+            Proc::adopt(cmd.spawn().unwrap())
         }
 
         /// `redirect-user node-agent` with its socket and state in `dir` (created) and
@@ -839,12 +871,26 @@ pub mod process {
         }
     }
 
-    /// A directory removed when dropped, on failure too.
-    pub struct RemoveDir(pub PathBuf);
+    /// A directory (or a file) removed when dropped, on failure too, and on SIGINT/SIGTERM.
+    pub struct RemoveDir(
+        pub PathBuf,
+        #[allow(dead_code, reason = "held: dropping it takes the entry out")] Registered,
+    );
+
+    impl RemoveDir {
+        pub fn new(path: impl Into<PathBuf>) -> RemoveDir {
+            let path = path.into();
+            let registered = redirect_user::interrupt::path(&path);
+            RemoveDir(path, registered)
+        }
+    }
 
     impl Drop for RemoveDir {
         fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            // A file given instead of a directory goes too.
+            if std::fs::remove_dir_all(&self.0).is_err() {
+                let _ = std::fs::remove_file(&self.0);
+            }
         }
     }
 }

@@ -229,7 +229,7 @@ impl Node {
         let pin = format!("/sys/fs/bpf/{base}");
         Node {
             topo,
-            _rm: (RemoveDir(dir.clone()), RemoveDir(pin.clone().into())),
+            _rm: (RemoveDir::new(dir.clone()), RemoveDir::new(pin.clone())),
             dir,
             pin,
             procs: Vec::new(),

@@ -26,7 +26,7 @@ impl Node {
         let base = topo.node().trim_end_matches("-node").to_string();
         let dir = PathBuf::from(format!("/tmp/{base}"));
         let pin = format!("/sys/fs/bpf/{base}");
-        let dirs = (RemoveDir(dir.clone()), RemoveDir(pin.clone().into()));
+        let dirs = (RemoveDir::new(dir.clone()), RemoveDir::new(pin.clone()));
         Node {
             topo,
             dir,

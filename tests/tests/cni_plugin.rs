@@ -49,7 +49,7 @@ impl Node {
         Node {
             agent: None,
             topo,
-            _rm: (RemoveDir(dir.clone()), RemoveDir(pin.clone().into())),
+            _rm: (RemoveDir::new(dir.clone()), RemoveDir::new(pin.clone())),
             dir,
             pin,
             starts: 0,

@@ -180,7 +180,7 @@ exit 0
 /// the runtime undoes the sandbox: none listed, no veth, no address held, no netns.
 #[test]
 fn a_failing_chained_plugin_stops_the_pod_and_leaves_nothing() {
-    let dir = redirect_tests::process::RemoveDir(
+    let dir = redirect_tests::process::RemoveDir::new(
         std::env::temp_dir().join(format!("cri-refuse-{}", std::process::id())),
     );
     std::fs::create_dir_all(&dir.0).unwrap();

@@ -212,7 +212,7 @@ fn a_removed_mesh_pod_closes_its_tunnels_and_leaves_the_pool() {
     let _one = serial();
     let m = Mesh::new("drm", &[("a", 1), ("b", 2)]).unwrap();
     let ca_dir = std::env::temp_dir().join(format!("{}-ca", m.base()));
-    let _rm = process::RemoveDir(ca_dir.clone());
+    let _rm = process::RemoveDir::new(ca_dir.clone());
     let ca = Arc::new(LocalCa::open_or_create(&ca_dir).unwrap());
     let proxy = MeshProxy::new(
         Tls::new(ca, DEFAULT_TRUST_DOMAIN),

@@ -474,7 +474,7 @@ fn a_rotated_certificate_serves_new_handshakes_and_live_connections_go_on() -> R
         }
     })?;
     let certs = std::env::temp_dir().join(format!("hbrot-{}-certs", std::process::id()));
-    let _rm = redirect_tests::process::RemoveDir(certs.clone());
+    let _rm = redirect_tests::process::RemoveDir::new(certs.clone());
     let to = c.addr("b1", false, APP_PORT);
     // A live connection through the tunnel.
     let mut live = c

@@ -39,7 +39,7 @@ fn ztunnel(bin: &str, ns: &str, sock: &str, workloads: &Path, log: &Path) -> Pro
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    Proc(child)
+    Proc::adopt(child)
 }
 
 #[test]
@@ -52,8 +52,8 @@ fn upstream_proxy_under_our_agent() {
     let dir = PathBuf::from(format!("/tmp/{base}-zt"));
     std::fs::create_dir_all(&dir).unwrap();
     let _cleanup = (
-        RemoveDir(dir.clone()),
-        RemoveDir(PathBuf::from(format!("/sys/fs/bpf/{base}-zt"))),
+        RemoveDir::new(dir.clone()),
+        RemoveDir::new(PathBuf::from(format!("/sys/fs/bpf/{base}-zt"))),
     );
     let d = dir.to_str().unwrap().to_string();
     let sock = format!("{d}/zds.sock");
@@ -122,7 +122,7 @@ fn upstream_proxy_hbone_both_directions() {
         "ZTUNNEL_TEST_CA: a directory with the upstream test root-cert.pem and ca-key.pem",
     ));
     let ca_dir = std::env::temp_dir().join(format!("zthb-{}-ca", std::process::id()));
-    let _rm_ca = RemoveDir(ca_dir.clone());
+    let _rm_ca = RemoveDir::new(ca_dir.clone());
     std::fs::create_dir_all(&ca_dir).unwrap();
     std::fs::copy(test_ca.join("root-cert.pem"), ca_dir.join("root-cert.pem")).unwrap();
     std::fs::copy(test_ca.join("ca-key.pem"), ca_dir.join("root-key.pem")).unwrap();
@@ -161,11 +161,11 @@ fn upstream_proxy_hbone_both_directions() {
     std::fs::create_dir_all(&d).unwrap();
     let sock = format!("{d}/zds.sock");
     let pin = format!("{}-node2", c.pin_dir().display());
-    let _rm_pin = RemoveDir(PathBuf::from(&pin));
+    let _rm_pin = RemoveDir::new(PathBuf::from(&pin));
     let _agent = Proc::node_agent(Path::new(&d), &pin, &c.path("agent2.log"));
     let node2 = c.topo.node_ns(2).to_string();
     let log = c.path("ztunnel.log");
-    let _zt = Proc(
+    let _zt = Proc::adopt(
         Command::new("ip")
             .args(["netns", "exec", &node2, &bin])
             .env("NODE_NAME", "node2")

@@ -95,7 +95,7 @@ impl Cluster {
             api,
             agent_cg: AppCgroup::new(&format!("{base}-agent")).unwrap(),
             proxy_cg: AppCgroup::new(&format!("{base}-proxy")).unwrap(),
-            _dirs: (RemoveDir(dir.clone()), RemoveDir(pin.clone().into())),
+            _dirs: (RemoveDir::new(dir.clone()), RemoveDir::new(pin.clone())),
             topo,
             dir,
             pin,

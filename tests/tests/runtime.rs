@@ -164,7 +164,7 @@ impl Node {
             api: FakeApi::start(&base).unwrap(),
             agent: None,
             agent_cg: AppCgroup::new(&format!("{base}-agent")).unwrap(),
-            _rm: (RemoveDir(dir.clone()), RemoveDir(pin.clone())),
+            _rm: (RemoveDir::new(dir.clone()), RemoveDir::new(pin.clone())),
             rt: Some(rt),
             dir,
             pin,

@@ -29,7 +29,7 @@ impl NodeDirs {
         std::fs::create_dir_all(&dir).unwrap();
         let pin = format!("/sys/fs/bpf/{base}");
         Self {
-            _rm: (RemoveDir(dir.clone()), RemoveDir(pin.clone().into())),
+            _rm: (RemoveDir::new(dir.clone()), RemoveDir::new(pin.clone())),
             dir,
             pin,
         }

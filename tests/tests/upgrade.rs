@@ -75,12 +75,12 @@ fn upgrade_and_agent_restart_under_a_connection_loop() {
     let base = m.base();
     let dir = PathBuf::from(format!("/tmp/{base}-node"));
     std::fs::create_dir_all(&dir).unwrap();
-    let _cleanup = RemoveDir(dir.clone());
+    let _cleanup = RemoveDir::new(dir.clone());
     let d = dir.to_str().unwrap().to_string();
     let sock = format!("{d}/zds.sock");
     let ca = format!("{d}/ca");
     let pin = format!("/sys/fs/bpf/{base}-node");
-    let _pins = RemoveDir(pin.clone().into());
+    let _pins = RemoveDir::new(pin.clone());
     let mut agent = Proc::node_agent(&dir, &pin, &dir.join("agent.log"));
     let mut v1 = Proc::spawn(
         &[

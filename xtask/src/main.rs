@@ -6,6 +6,7 @@ mod fuzz;
 mod image;
 mod oci;
 mod setup;
+mod signals;
 
 use std::{path::PathBuf, process::Command};
 
@@ -40,6 +41,14 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// The real agent with pods enrolled and released in a loop under traffic: checks
+    /// that memory, fds, map entries, links, routes and tc filters come back and that
+    /// release cost stays flat as the notes fill (results in target/bench/soak.*).
+    Soak {
+        /// How long the loop runs.
+        #[arg(long, default_value_t = 3.0)]
+        minutes: f64,
+    },
     /// Build the container image offline from the local build (no registry, no base
     /// image): an OCI archive in target/image/ for `ctr images import`, `podman load`.
     Image,
@@ -62,7 +71,8 @@ enum Task {
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Err(e) = signals::install().and_then(|()| run(cli)) {
         eprintln!("xtask: {e:#}");
         std::process::exit(1);
     }
@@ -85,9 +95,7 @@ fn run(cli: Cli) -> Result<()> {
             build_ebpf(true)?;
             cargo(&["build", "--release", "-p", "redirect-user"])?;
             let bin = workspace_root().join("target/release/redirect-user");
-            let status = Command::new(&bin)
-                .arg("demo")
-                .status()
+            let status = signals::status(Command::new(&bin).arg("demo"))
                 .with_context(|| format!("running {}", bin.display()))?;
             if !status.success() {
                 bail!("the demo failed ({status})");
@@ -112,6 +120,22 @@ fn run(cli: Cli) -> Result<()> {
                 workspace_root().join("target/bench").display()
             );
             Ok(())
+        }
+        Task::Soak { minutes } => {
+            setup::all()?;
+            build_ebpf(true)?;
+            cargo(&["build", "--release", "-p", "redirect-user", "--bins"])?;
+            let minutes = minutes.to_string();
+            cargo(&[
+                "bench",
+                "-p",
+                "redirect-tests",
+                "--bench",
+                "soak",
+                "--",
+                "--minutes",
+                &minutes,
+            ])
         }
         Task::Image => {
             setup::toolchain()?;
@@ -207,10 +231,7 @@ fn build_ebpf(release: bool) -> Result<()> {
 
 fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(args)
-        .current_dir(workspace_root())
-        .status()
+    let status = signals::status(Command::new(cargo).args(args).current_dir(workspace_root()))
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
     if !status.success() {
         bail!("cargo {} failed ({status})", args.join(" "));
