@@ -291,7 +291,7 @@ pub fn mesh_proxy(
         registry::Registry,
     };
     let dir = std::env::temp_dir().join(format!("{}-ca", m.base()));
-    let guard = crate::process::RemoveDir(dir.clone());
+    let guard = crate::process::RemoveDir::new(dir.clone());
     let ca = Arc::new(LocalCa::open_or_create(&dir)?);
     let proxy = Mesh::new(
         Tls::new(ca, DEFAULT_TRUST_DOMAIN),

@@ -54,7 +54,7 @@ impl Node {
         let pin = format!("/sys/fs/bpf/{base}");
         Node {
             topo,
-            _dirs: (RemoveDir(dir.clone()), RemoveDir(pin.clone().into())),
+            _dirs: (RemoveDir::new(dir.clone()), RemoveDir::new(pin.clone())),
             dir,
             pin,
             agent: None,

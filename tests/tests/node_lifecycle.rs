@@ -113,7 +113,7 @@ impl Node {
         let pin = format!("/sys/fs/bpf/{base}");
         let n = Node {
             topo,
-            _rm: (RemoveDir(root.clone()), RemoveDir(pin.clone().into())),
+            _rm: (RemoveDir::new(root.clone()), RemoveDir::new(pin.clone())),
             root,
             dir,
             pin,

@@ -283,7 +283,7 @@ impl Node {
         let base = format!("cap-{:x}", std::process::id());
         let state = rt.dir().join("node");
         let pin = format!("/sys/fs/bpf/{base}");
-        let dirs = (RemoveDir(state.clone()), RemoveDir(pin.clone().into()));
+        let dirs = (RemoveDir::new(state.clone()), RemoveDir::new(pin.clone()));
         let agent_def = PodDef::new("redirect-agent")
             .namespace("redirect-system")
             .uid(&format!("{base}-agent"))
@@ -511,7 +511,7 @@ fn run_in_a_private_cgroup_namespace_finds_its_cgroup_and_the_hosts_root() {
     let dir = PathBuf::from(format!("/tmp/{base}"));
     std::fs::create_dir_all(&dir).unwrap();
     let pin = format!("/sys/fs/bpf/{base}");
-    let _cleanup = (RemoveDir(dir.clone()), RemoveDir(pin.clone().into()));
+    let _cleanup = (RemoveDir::new(dir.clone()), RemoveDir::new(pin.clone()));
     let log = dir.join("agent.log");
     let procs = std::ffi::CString::new(cg.join("cgroup.procs").to_str().unwrap()).unwrap();
     let d = dir.to_str().unwrap();
@@ -544,7 +544,7 @@ fn run_in_a_private_cgroup_namespace_finds_its_cgroup_and_the_hosts_root() {
             Ok(())
         });
     }
-    let mut agent = redirect_tests::process::Proc(cmd.spawn().unwrap());
+    let mut agent = redirect_tests::process::Proc::adopt(cmd.spawn().unwrap());
     let ns_of = |pid: u32| std::fs::metadata(format!("/proc/{pid}/ns/cgroup")).map(|m| m.ino());
     assert_ne!(
         ns_of(agent.pid() as u32).unwrap(),

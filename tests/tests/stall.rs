@@ -236,7 +236,7 @@ impl Bed {
             _apps: apps,
             load: runtime()?,
             to,
-            _ca_dir: redirect_tests::process::RemoveDir(dir),
+            _ca_dir: redirect_tests::process::RemoveDir::new(dir),
             ca,
         })
     }
