@@ -284,8 +284,8 @@ struct Stats {
 }
 
 /// Rounds (every cycling pod added, 0.5 s of traffic, every one released) for `length`
-/// under traffic; then the traffic stops and the agent is given time to settle (its
-/// fd count steady for 2 s, at most 15 s).
+/// under traffic; then the traffic stops and the agent is given time to settle (past
+/// the released pods' drain grace, and its fd count steady for 2 s; at most 20 s).
 #[allow(clippy::too_many_arguments)]
 fn run_rounds(
     topo: &Topology,
@@ -369,10 +369,15 @@ fn run_rounds(
     for t in threads {
         let _ = t.join();
     }
-    // Closed connections leave the proxy once both sides' FINs are in.
+    // Closed connections leave the proxy once both sides' FINs are in; a released pod's
+    // connections still open are cancelled at the end of its drain grace, and its
+    // namespace, listeners and pooled tunnels go with them: wait that long at least.
     let settle = Instant::now();
+    let at_least = redirect_user::proxy::drain::DEFAULT_GRACE + Duration::from_secs(1);
     let (mut last, mut since) = (fds(pid), Instant::now());
-    while settle.elapsed() < Duration::from_secs(15) && since.elapsed() < Duration::from_secs(2) {
+    while settle.elapsed() < Duration::from_secs(20)
+        && (since.elapsed() < Duration::from_secs(2) || settle.elapsed() < at_least)
+    {
         std::thread::sleep(Duration::from_millis(200));
         let n = fds(pid);
         if n != last {

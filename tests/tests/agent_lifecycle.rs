@@ -207,7 +207,7 @@ fn saved_pods(dir: &Path) -> Vec<serde_json::Value> {
 fn a_removal_that_fails_half_way_is_kept_and_completed_by_the_agent() {
     let n = Node::new("delhalf");
     std::fs::create_dir_all(&n.dir).unwrap();
-    // The agent in a mount namespace of its own, where /proc/sys can be locked.
+    // The agent in a mount namespace of its own, where its pin directory can be locked.
     let sock = n.dir.join("zds.sock");
     let log = std::fs::File::create(n.dir.join("agent.log")).unwrap();
     let mut cmd = Command::new(redirect_user_bin().unwrap());
@@ -240,11 +240,14 @@ fn a_removal_that_fails_half_way_is_kept_and_completed_by_the_agent() {
     within(&pod_add_args(n.state_dir(), &path, "uid-a"), 10).unwrap();
     assert_eq!(accept_local(&pod_ns), "1");
 
-    // accept_local cannot be restored: the removal fails half-way.
-    in_mounts_of(pid, || {
-        mount(Some("/proc/sys"), "/proc/sys", libc::MS_BIND);
+    // The pod's link pin cannot be removed (its directory is read-only where the agent
+    // sees it): the removal fails half-way, after the namespace was cleaned.
+    let links = format!("{}/links", n.pin);
+    let l = links.clone();
+    in_mounts_of(pid, move || {
+        mount(Some(&l), &l, libc::MS_BIND);
         let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
-        mount(None, "/proc/sys", ro);
+        mount(None, &l, ro);
     });
     let del = within(
         &["pod", "del", "--state-dir", n.state_dir(), "--uid", "uid-a"],
@@ -260,11 +263,16 @@ fn a_removal_that_fails_half_way_is_kept_and_completed_by_the_agent() {
     let saved = saved_pods(&n.dir);
     assert_eq!(saved.len(), 1);
     assert_eq!(saved[0]["releasing"], true, "{saved:?}");
-    assert_eq!(accept_local(&pod_ns), "1");
+    let pin = Path::new(&links).join("uid-a");
+    assert!(
+        pin.exists(),
+        "the link pin went although its removal failed"
+    );
 
-    // Once the sysctl can be written again, the agent completes the removal itself.
-    in_mounts_of(pid, || {
-        let target = std::ffi::CString::new("/proc/sys").unwrap();
+    // Once the pin can be removed, the agent completes the removal itself.
+    let l = links.clone();
+    in_mounts_of(pid, move || {
+        let target = std::ffi::CString::new(l).unwrap();
         // SAFETY: umount2 with a valid C string.
         assert_eq!(unsafe { libc::umount2(target.as_ptr(), 0) }, 0);
     });
@@ -272,6 +280,7 @@ fn a_removal_that_fails_half_way_is_kept_and_completed_by_the_agent() {
         n.list(5).trim().is_empty() && saved_pods(&n.dir).is_empty()
     });
     assert_eq!(accept_local(&pod_ns), "0");
+    assert!(!pin.exists(), "the link pin is left");
     assert_eq!(ip_out(&ns, &["rule"]), rules);
     assert_eq!(ip_out(&ns, &["route", "show", "table", "100"]), "");
     assert!(!tc_out(&ns, &["qdisc", "show"]).contains("clsact"));
