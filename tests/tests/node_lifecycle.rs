@@ -760,11 +760,11 @@ fn uninstall_leaves_nothing() {
     }
     assert!(n.ask("a", "b").unwrap().starts_with("b from "));
     let (progs, links) = pinned_ids(&n.pin);
-    assert_eq!(progs.len(), 5, "{progs:?}");
+    assert_eq!(progs.len(), 6, "{progs:?}");
     assert_eq!(
         links.len(),
-        3,
-        "two pods' sk_lookup links and the node's: {links:?}"
+        4,
+        "two pods' sk_lookup links and the node's two (probes, guard): {links:?}"
     );
     let (conf, bin) = n.cni_dirs.clone().unwrap();
     let zds = n.dir.join("zds.sock");

@@ -315,7 +315,7 @@ impl Engine {
     /// Removes everything the engine keeps in the kernel and on bpffs: every pod is
     /// un-enrolled (as [`Engine::unenrol`] does, so pods found pinned after a restart
     /// are undone only in the maps: un-enrol those with [`Engine::unenrol_in`] first),
-    /// then the node's sock_ops link, the programs, the maps and the pin directory
+    /// then the node's links (sock_ops, guard), the programs, the maps and the pin directory
     /// itself. The engine is closed afterwards. Returns the pods whose un-enrolment
     /// failed; with any, nothing else is removed.
     pub fn purge(&self) -> Result<Vec<(String, EnrolError)>, EngineError> {
@@ -328,13 +328,17 @@ impl Engine {
             return Ok(failed);
         }
         let inner = self.lock().take().ok_or(EngineError::Closed)?;
-        // Unpinned, the link goes with its last reference: the sock_ops program is
-        // detached from the cgroup2 root.
-        let link = host_probes::link_pin(&self.pin_dir);
-        match std::fs::remove_file(&link) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(EngineError::PinDir { path: link, source }),
+        // Unpinned, a link goes with its last reference: the sock_ops program and the
+        // guard are detached from the cgroup2 root (no pod is left for the guard).
+        for link in [
+            host_probes::link_pin(&self.pin_dir),
+            guard::link_pin(&self.pin_dir),
+        ] {
+            match std::fs::remove_file(&link) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(EngineError::PinDir { path: link, source }),
+            }
         }
         // The programs and maps close with the loader's handles, the pins go with the
         // directory; the lock is given up last.
