@@ -7,7 +7,7 @@ use std::{
     fs::File,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
-    rc::Rc,
+    sync::{Arc, Mutex, Weak},
 };
 
 use nix::sched::{CloneFlags, setns};
@@ -125,32 +125,54 @@ impl Netns {
 }
 
 thread_local! {
-    /// The namespace this thread is in outside `run`, opened once per thread: the proxy
+    /// The namespace this thread is in outside `run`, found once per thread: the proxy
     /// runs a `run` for every connection it opens, and this saves an open and an fstat.
-    static HOME: RefCell<Option<Rc<Netns>>> = const { RefCell::new(None) };
+    static HOME: RefCell<Option<Arc<Netns>>> = const { RefCell::new(None) };
     /// How many `run` calls this thread is inside.
     static DEPTH: Cell<u32> = const { Cell::new(0) };
 }
 
+/// The home namespaces of the process's threads, one handle each, shared: a runtime
+/// starts and ends blocking threads all the time, and one fd per thread would make the
+/// process's fd count follow its thread count. Weak, so that no handle outlives the
+/// last thread that lives there.
+static HOMES: Mutex<Vec<Weak<Netns>>> = Mutex::new(Vec::new());
+
+/// The shared handle of the namespace `ns` is, `ns` itself when it is the first.
+fn shared_home(ns: Netns) -> Arc<Netns> {
+    let mut homes = HOMES.lock().unwrap_or_else(|e| e.into_inner());
+    homes.retain(|w| w.strong_count() > 0);
+    if let Some(h) = homes
+        .iter()
+        .filter_map(Weak::upgrade)
+        .find(|h| h.same_as(&ns))
+    {
+        return h;
+    }
+    let h = Arc::new(ns);
+    homes.push(Arc::downgrade(&h));
+    h
+}
+
 /// Where `run` must bring the thread back to: its usual namespace, or (inside another
 /// `run`) wherever it is now.
-fn home_of_this_thread() -> Result<Rc<Netns>, NetnsError> {
+fn home_of_this_thread() -> Result<Arc<Netns>, NetnsError> {
     if DEPTH.with(Cell::get) > 0 {
-        return Ok(Rc::new(Netns::current()?));
+        return Ok(Arc::new(Netns::current()?));
     }
     if let Some(h) = HOME.with(|h| h.borrow().clone()) {
         return Ok(h);
     }
-    let h = Rc::new(Netns::current()?);
+    let h = shared_home(Netns::current()?);
     HOME.with(|c| *c.borrow_mut() = Some(h.clone()));
     Ok(h)
 }
 
 /// Brings the thread back to `home` when dropped, or aborts the process.
-struct GoHome(Rc<Netns>);
+struct GoHome(Arc<Netns>);
 
 impl GoHome {
-    fn enter(home: Rc<Netns>) -> Self {
+    fn enter(home: Arc<Netns>) -> Self {
         DEPTH.with(|d| d.set(d.get() + 1));
         GoHome(home)
     }
@@ -245,6 +267,37 @@ mod tests {
         }));
         assert!(r.is_err());
         assert!(Netns::current().unwrap().same_as(&home));
+    }
+
+    /// Threads come and go (a runtime's blocking pool): their homes share one handle,
+    /// so the process's open fds do not follow its thread count; a thread that lives
+    /// elsewhere gets a handle of its own namespace.
+    #[test]
+    fn threads_share_one_handle_of_their_home() {
+        let here = Netns::current().unwrap();
+        let homes: Vec<Arc<Netns>> = (0..8)
+            .map(|_| std::thread::spawn(|| home_of_this_thread().unwrap()))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        assert!(homes[0].same_as(&here));
+        assert!(homes.iter().all(|h| Arc::ptr_eq(h, &homes[0])));
+        let pod = Arc::new(new_namespace());
+        let elsewhere = {
+            let pod = pod.clone();
+            std::thread::spawn(move || {
+                pod.run(|| {
+                    std::thread::spawn(|| home_of_this_thread().unwrap())
+                        .join()
+                        .unwrap()
+                })
+                .unwrap()
+            })
+            .join()
+            .unwrap()
+        };
+        assert!(elsewhere.same_as(&pod) && !Arc::ptr_eq(&elsewhere, &homes[0]));
     }
 
     const ABORT_CHILD: &str = "REDIRECT_NETNS_ABORT_CHILD";
