@@ -355,10 +355,15 @@ pub async fn run(agent: AgentArgs, mut proxy: ProxyArgs) -> Result<()> {
         &agent,
         agent.identity(ProxyIdentity::OwnCgroup),
     )?);
+    let a = Agent::new(engine.clone(), &agent.state_dir)?;
     if let Some(p) = predecessor {
-        tokio::spawn(p.trust_while_alive(engine.clone()));
+        a.set_predecessor_serving(true);
+        let a = a.clone();
+        tokio::spawn(async move {
+            p.trust_while_alive(engine).await;
+            a.set_predecessor_serving(false);
+        });
     }
-    let a = Agent::new(engine, &agent.state_dir)?;
     let mut handovers = a.accept_handovers();
     let kube = start_kube(&agent, &a, proxy.dns).await?;
     let proxy_cfg = ProxyConfig {

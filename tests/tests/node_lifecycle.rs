@@ -584,13 +584,10 @@ fn nothing_escaped(caps: Vec<(String, Capture)>) -> usize {
 /// plugin during the swap. B takes over (A hands over: its agent side stops, its proxy
 /// drains), becomes ready, then A is stopped and exits once its connections ended.
 ///
-/// Ignored until a known race is fixed: in a CI run the capture saw a connection from
-/// pod a to pod b's app port in plaintext during the swap. The new proxy serves pod a's
-/// listeners (swapped in at a's ack) before pod b's Add has reached it, so b is not yet
-/// in its registry and the connection is relayed as to a destination outside the mesh.
-/// Run it with `cargo xtask test -- --ignored a_rolling_upgrade`.
+/// A proxy must know every pod before it serves any: the capture fails the test if a
+/// connection between the pods ever went to an app's port in plaintext (a race once
+/// did that: the new proxy served pod a before pod b's Add had reached it).
 #[test]
-#[ignore = "known race: a plaintext relay while the new proxy's registry lacks a pod"]
 fn a_rolling_upgrade_fails_no_connection() {
     let mut n = Node::new("nl-upg", &[("a", 10), ("b", 11), ("n", 12)]);
     let a_agent = n.start_agent();
@@ -616,6 +613,10 @@ fn a_rolling_upgrade_fails_no_connection() {
     assert_eq!(n.counter("uid-n", "redirected_15001"), 0);
     assert!(n.ask("n", "b").unwrap().starts_with("b from "));
     assert_eq!(n.counter("uid-n", "redirected_15001"), 1);
+    // The pods that were there before reach it through the mesh at once: its ADD waited
+    // until every one of them was on a proxy that knows it (the old proxy never hears
+    // of it, and would relay to it in plaintext).
+    assert!(n.ask("a", "n").unwrap().starts_with("n from "));
 
     let b_pid = n.pid(b_agent);
     wait_for("every pod on B's proxy", 20, || {

@@ -199,6 +199,9 @@ struct Inner {
     /// yet: the agent is not ready while any is left (an upgrade's old proxy still
     /// serves them).
     adopted: Mutex<BTreeSet<String>>,
+    /// The agent this one took the node over from still runs (its proxy serves the
+    /// pods not yet on ours).
+    predecessor_serving: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -228,6 +231,7 @@ impl Agent {
                 closed: AtomicBool::new(false),
                 handovers: Mutex::new(None),
                 adopted: Mutex::new(BTreeSet::new()),
+                predecessor_serving: AtomicBool::new(false),
             }),
         };
         let saved: Vec<SavedPod> = match std::fs::read(&state_file) {
@@ -616,6 +620,21 @@ impl Agent {
         adopted.len()
     }
 
+    /// Whether the agent this one took over from still runs ([`handover`]).
+    pub fn set_predecessor_serving(&self, serving: bool) {
+        self.inner
+            .predecessor_serving
+            .store(serving, Ordering::SeqCst);
+    }
+
+    /// A takeover under way: the predecessor's proxy still serves some pods. That proxy
+    /// never hears of a pod added now (it is connected to no agent any more) and would
+    /// relay its pods' connections to the new pod as to a destination outside the mesh,
+    /// so new pods wait until every pod is on this agent's proxy.
+    pub fn taking_over(&self) -> bool {
+        self.inner.predecessor_serving.load(Ordering::SeqCst) && self.takeover_pending() > 0
+    }
+
     /// True once the agent handed the node over: it changes nothing any more.
     pub fn handed_over(&self) -> bool {
         self.inner.closed.load(Ordering::SeqCst)
@@ -668,10 +687,21 @@ impl Agent {
 
     /// Sends one pod to a proxy; on its ack, installs its listeners.
     async fn hand_to(&self, conn: &Conn, uid: &str) -> PodState {
+        let state = match self.deliver(conn, uid).await {
+            Ok(()) => self.install_listeners(uid, &conn.peer).await,
+            Err(state) => state,
+        };
+        self.set_state(uid, state.clone(), Some(conn.pid));
+        state
+    }
+
+    /// Sends one pod to a proxy and waits for its ack; installs nothing. `Err` is the
+    /// state the pod is left in when the proxy refused it or the Add did not get through.
+    async fn deliver(&self, conn: &Conn, uid: &str) -> Result<(), PodState> {
         let (req, fd) = {
             let pods = self.inner.pods.lock().unwrap();
             let Some(p) = pods.get(uid).filter(|p| !p.state.releasing()) else {
-                return PodState::WaitingForProxy;
+                return Err(PodState::WaitingForProxy);
             };
             let fd = p.netns.as_fd().try_clone_to_owned().ok();
             (
@@ -682,8 +712,8 @@ impl Agent {
                 fd,
             )
         };
-        let state = match conn.call(req, fd).await {
-            Ok(Ok(())) => self.install_listeners(uid, &conn.peer).await,
+        match conn.call(req, fd).await {
+            Ok(Ok(())) => Ok(()),
             Ok(Err(reason)) => {
                 warn!(
                     uid,
@@ -691,7 +721,7 @@ impl Agent {
                     reason,
                     "agent: proxy refused the pod; it stays redirected and refused"
                 );
-                PodState::ProxyRefused(reason)
+                Err(PodState::ProxyRefused(reason))
             }
             Err(e) => {
                 warn!(
@@ -700,11 +730,9 @@ impl Agent {
                     error = e,
                     "agent: pod not delivered to the proxy"
                 );
-                PodState::WaitingForProxy
+                Err(PodState::WaitingForProxy)
             }
-        };
-        self.set_state(uid, state.clone(), Some(conn.pid));
-        state
+        }
     }
 
     /// Finds the listeners the proxy opened in the pod and gives them to the engine.
@@ -849,12 +877,29 @@ impl Agent {
         };
         let io = tokio::spawn(conn_io(sock, rx, pid));
         // Snapshot first, then the connection becomes the newest: Adds go to it.
+        // No listener of this proxy is installed before the whole snapshot is acked: a
+        // proxy serving one pod must know every other pod of the node already, or it
+        // takes a connection to one it has not heard of yet for a destination outside
+        // the mesh (plaintext). Until then the pods stay on the sockets they have (a
+        // predecessor's proxy, in an upgrade).
+        let mut acked = Vec::new();
         for uid in self.uids_in(|s| !s.releasing()) {
-            self.hand_to(&conn, &uid).await;
+            match self.deliver(&conn, &uid).await {
+                Ok(()) => acked.push(uid),
+                Err(state) => self.set_state(&uid, state, Some(pid)),
+            }
         }
         match conn.call(Request::SnapshotSent, None).await {
-            Ok(Ok(())) => info!(pid, "agent: snapshot sent and acknowledged"),
+            Ok(Ok(())) => info!(
+                pid,
+                pods = acked.len(),
+                "agent: snapshot sent and acknowledged"
+            ),
             other => warn!(pid, result = ?other, "agent: snapshot not acknowledged"),
+        }
+        for uid in acked {
+            let state = self.install_listeners(&uid, &conn.peer).await;
+            self.set_state(&uid, state, Some(pid));
         }
         self.inner.conns.lock().unwrap().push(conn.clone());
         // Pods added while this snapshot was under way went to no proxy: hand them over.

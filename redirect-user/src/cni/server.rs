@@ -225,6 +225,15 @@ pub async fn add(agent: &Agent, membership: &dyn Membership, pod: CniPod) -> Plu
         netns: pod.netns.clone(),
         dns_capture,
     };
+    if let Err(pending) = wait_takeover(agent).await {
+        warn!(
+            pod = who,
+            uid, pending, "cni: the takeover from the previous agent is not complete, ADD refused"
+        );
+        return refused(format!(
+            "enrolment deferred: the agent is taking the node over from its predecessor, whose proxy still serves {pending} pods; retry"
+        ));
+    }
     let state = match agent.add_pod(spec).await {
         Ok(s) => s,
         Err(e) => {
@@ -233,6 +242,17 @@ pub async fn add(agent: &Agent, membership: &dyn Membership, pod: CniPod) -> Plu
         }
     };
     let state = wait_ready(agent, &uid, state).await;
+    if state != PodState::Ready && agent.handed_over() {
+        // The successor took the pod over with the rest (it was saved first) and answers
+        // the runtime's retry; this agent changes nothing any more.
+        warn!(
+            pod = who,
+            uid, "cni: the agent handed the node over during the ADD, refused for a retry"
+        );
+        return refused(format!(
+            "enrolment interrupted: the agent handed the node over to its successor; retry pod {who}"
+        ));
+    }
     let reason = match state {
         PodState::Ready => {
             info!(pod = who, uid, "cni: pod enrolled and served by its proxy");
@@ -257,11 +277,27 @@ pub async fn add(agent: &Agent, membership: &dyn Membership, pod: CniPod) -> Plu
     refused(reason)
 }
 
+/// Waits up to [`READY_WAIT`] while the agent takes the node over from its predecessor
+/// ([`Agent::taking_over`]): a pod enrolled meanwhile would be unknown to the proxy that
+/// still serves the other pods. `Err` with the pods still pending when the wait ran out.
+async fn wait_takeover(agent: &Agent) -> Result<(), usize> {
+    let start = Instant::now();
+    while agent.taking_over() {
+        if start.elapsed() >= READY_WAIT {
+            return Err(agent.takeover_pending());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 /// Waits up to [`READY_WAIT`] for a pod that is not ready yet (no proxy yet, listeners
 /// not found yet, the proxy retrying a refusal).
 async fn wait_ready(agent: &Agent, uid: &str, mut state: PodState) -> PodState {
     let start = Instant::now();
-    while !matches!(state, PodState::Ready | PodState::Releasing(_)) && start.elapsed() < READY_WAIT
+    while !matches!(state, PodState::Ready | PodState::Releasing(_))
+        && start.elapsed() < READY_WAIT
+        && !agent.handed_over()
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
         match agent.list().into_iter().find(|p| p.spec.uid == uid) {
