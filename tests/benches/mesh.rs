@@ -251,6 +251,10 @@ async fn conn_rate(ns: Arc<Netns>, to: SocketAddr, conc: usize, secs: f64) -> Ra
                 let t = Instant::now();
                 let Ok(mut s) = connect_from(&ns, to).await else {
                     failed.fetch_add(1, Ordering::Relaxed);
+                    // A refused connect can fail without ever yielding: back off, or a
+                    // dead listener turns this loop into a spin that starves the timer
+                    // that ends the phase (a bench run once hung here).
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
                 let exchange = async { s.write_all(&buf).await.and(s.read_exact(&mut buf).await) };
