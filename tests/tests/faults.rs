@@ -404,9 +404,12 @@ fn pinned_state_removed_under_the_agent() {
         std::fs::remove_file(pin.join(p)).unwrap();
     }
     let t0 = Instant::now();
-    // The agent pins the link again (it checks every second).
-    wait_for("b's link pinned again", 5, || {
-        pin.join("links/uid-b").exists()
+    // The agent pins the link and the maps again (it checks every second): an agent
+    // started next takes over the same maps rather than new, empty ones.
+    wait_for("b's link and the maps pinned again", 5, || {
+        ["links/uid-b", "maps/pods", "maps/flows"]
+            .iter()
+            .all(|p| pin.join(p).exists())
     });
     let repinned = t0.elapsed();
     std::thread::sleep(Duration::from_millis(300));

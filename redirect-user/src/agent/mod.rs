@@ -929,12 +929,8 @@ impl Agent {
             if n % RELEASE_RETRY_TICKS == 0 {
                 self.retry_releases().await;
             }
-            for (uid, e) in self.inner.engine.restore_pins() {
-                warn!(
-                    uid,
-                    error = e,
-                    "agent: cannot pin the pod's sk_lookup link again"
-                );
+            for (what, e) in self.inner.engine.restore_pins() {
+                warn!(what, error = e, "agent: cannot pin again");
             }
             if let Err(e) = self.inner.engine.expire_carried_trust() {
                 warn!(error = %e, "agent: cannot drop the trust of an earlier run");

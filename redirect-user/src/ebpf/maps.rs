@@ -96,6 +96,22 @@ impl Maps {
         }
     }
 
+    /// Each map held here, by its name (to pin it again).
+    pub fn by_name(&self) -> [(&'static str, &MapData); 9] {
+        use aya::maps::IterableMap;
+        [
+            (names::PODS, self.pods.map()),
+            (names::POD_ADDRS, self.pod_addrs.map()),
+            (names::LISTENERS, &self.listeners),
+            (names::PROXY_CGROUPS, self.proxy_cgroups.map()),
+            (names::COUNTERS, self.counters.map()),
+            (names::POD_INDEX, self.pod_index.map()),
+            (names::NODE_NETNS, self.node_netns.map()),
+            (names::COVERED, self.covered.map()),
+            (names::GUARD_COUNTERS, self.guard_counters.map()),
+        ]
+    }
+
     /// How many pods the maps hold.
     pub fn pod_index_capacity(&self) -> u32 {
         self.max_pods

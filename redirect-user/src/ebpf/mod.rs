@@ -461,15 +461,34 @@ impl Engine {
         let Some(inner) = guard.as_ref() else {
             return Vec::new();
         };
-        inner
-            .pods
-            .iter()
-            .filter_map(|(uid, s)| {
-                pod::restore_pin(&self.pin_dir, uid, s)
-                    .err()
-                    .map(|e| (uid.clone(), e))
-            })
-            .collect()
+        // A map whose pin was removed lives on in this process and its programs, but an
+        // agent started next would make a new, empty one: its programs would then run
+        // with no record of the pods until each is enrolled again, and pass their
+        // traffic meanwhile. Pinned again here, the next run takes over the same map.
+        let held = inner.maps.by_name();
+        let maps = names::ALL_MAPS.into_iter().filter_map(|name| {
+            let path = self.pin_dir.join("maps").join(name);
+            if path.exists() {
+                return None;
+            }
+            let pinned = match held.iter().find(|(n, _)| *n == name) {
+                Some((_, data)) => data.pin(&path),
+                None => inner.ebpf.map(name)?.pin(&path),
+            };
+            match pinned {
+                Ok(()) => {
+                    info!(map = name, "redirect: map pinned again");
+                    None
+                }
+                Err(e) => Some((format!("map {name}"), e.to_string())),
+            }
+        });
+        let links = inner.pods.iter().filter_map(|(uid, s)| {
+            pod::restore_pin(&self.pin_dir, uid, s)
+                .err()
+                .map(|e| (format!("link of {uid}"), e))
+        });
+        maps.chain(links).collect()
     }
 
     pub fn finish_releases(&self) -> Vec<(String, EnrolError)> {
