@@ -687,10 +687,19 @@ impl Agent {
 
     /// Sends one pod to a proxy; on its ack, installs its listeners.
     async fn hand_to(&self, conn: &Conn, uid: &str) -> PodState {
-        let state = match self.deliver(conn, uid).await {
-            Ok(()) => self.install_listeners(uid, &conn.peer).await,
-            Err(state) => state,
-        };
+        match self.deliver(conn, uid).await {
+            Ok(()) => self.install_from(conn, uid).await,
+            Err(state) => {
+                self.set_state(uid, state.clone(), Some(conn.pid));
+                state
+            }
+        }
+    }
+
+    /// Installs the listeners `conn`'s proxy opened for a pod it acked, and records where
+    /// the pod stands.
+    async fn install_from(&self, conn: &Conn, uid: &str) -> PodState {
+        let state = self.install_listeners(uid, &conn.peer).await;
         self.set_state(uid, state.clone(), Some(conn.pid));
         state
     }
@@ -898,8 +907,7 @@ impl Agent {
             other => warn!(pid, result = ?other, "agent: snapshot not acknowledged"),
         }
         for uid in acked {
-            let state = self.install_listeners(&uid, &conn.peer).await;
-            self.set_state(&uid, state, Some(pid));
+            self.install_from(&conn, &uid).await;
         }
         self.inner.conns.lock().unwrap().push(conn.clone());
         // Pods added while this snapshot was under way went to no proxy: hand them over.
