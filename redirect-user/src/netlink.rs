@@ -340,7 +340,42 @@ impl Netlink {
         }; // TC_H_CLSACT
         m.attributes.push(TcAttribute::Kind("clsact".into()));
         let msg = RouteNetlinkMessage::DelQueueDiscipline(m);
-        ignore_missing(self.request("delete clsact qdisc", msg, NLM_F_ACK))
+        match ignore_missing(self.request("delete clsact qdisc", msg, NLM_F_ACK)) {
+            // Once an interface has had a clsact, its ingress queue stays and holds a
+            // handle-less placeholder: deleting a clsact that is already gone then
+            // answers EINVAL ("Invalid handle"), not ENOENT. ENODEV: the interface
+            // went, and its qdiscs with it.
+            Err(NetlinkError::Kernel { op, source })
+                if matches!(source.raw_os_error(), Some(libc::EINVAL | libc::ENODEV)) =>
+            {
+                if self.has_clsact(ifindex)? {
+                    Err(NetlinkError::Kernel { op, source })
+                } else {
+                    Ok(false)
+                }
+            }
+            r => r,
+        }
+    }
+
+    /// Whether the interface holds a clsact qdisc (`tc qdisc show dev IF`).
+    pub fn has_clsact(&mut self, ifindex: u32) -> Result<bool, NetlinkError> {
+        let mut m = TcMessage::default();
+        m.header.index = ifindex as i32;
+        let msgs = self.request(
+            "list qdiscs",
+            RouteNetlinkMessage::GetQueueDiscipline(m),
+            NLM_F_DUMP,
+        )?;
+        Ok(msgs.iter().any(|m| match m {
+            RouteNetlinkMessage::NewQueueDiscipline(q) => {
+                q.header.index == ifindex as i32
+                    && q.attributes
+                        .iter()
+                        .any(|a| matches!(a, TcAttribute::Kind(k) if k == "clsact"))
+            }
+            _ => false,
+        }))
     }
 }
 

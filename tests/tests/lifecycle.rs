@@ -9,7 +9,10 @@ use std::{
 };
 
 use redirect_tests::*;
-use redirect_user::ebpf::{EnrolError, PodSockets};
+use redirect_user::{
+    ebpf::{EnrolError, PodSockets},
+    netlink::Netlink,
+};
 
 /// The maps that hold a pod's state. Not `flows` / `proxy_flows`: notes are hints that
 /// age out of their LRU, inert once their pod's addresses are gone (sk_lookup checks each
@@ -483,6 +486,66 @@ fn a_teardown_that_fails_half_way_is_completed_on_retry() {
         m.enrol("a", PodOptions::default()).unwrap(),
         EnrolOutcome::Enrolled
     );
+}
+
+/// What an agent killed between deleting a pod's qdiscs and writing down that it did
+/// meets when it tries again: the clsact it owned is gone. The kernel answers EINVAL
+/// ("Invalid handle"), not ENOENT, for a clsact deleted from an interface that had one;
+/// un-enrolment takes both for "already done", and only them.
+#[test]
+fn deleting_a_clsact_already_gone_is_done_not_an_error() {
+    let m = Mesh::new("qdgone", &[("a", 10), ("c", 100)]).unwrap();
+    let ns = m.host("a").name.clone();
+    let tc = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "tc"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    let (eth0, lo) = m
+        .ns("a")
+        .run(|| {
+            let links = Netlink::open().unwrap().links().unwrap();
+            let idx = |n: &str| links.iter().find(|l| l.name == n).unwrap().index;
+            (idx("eth0"), idx("lo"))
+        })
+        .unwrap();
+    tc(&["qdisc", "add", "dev", "eth0", "clsact"]);
+    tc(&["qdisc", "add", "dev", "lo", "clsact"]);
+    tc(&["qdisc", "del", "dev", "lo", "clsact"]);
+    let results = m
+        .ns("a")
+        .run(|| {
+            let mut nl = Netlink::open().unwrap();
+            [
+                nl.del_clsact(eth0).map_err(|e| e.to_string()),
+                // Gone from an interface that had one: the EINVAL case.
+                nl.del_clsact(eth0).map_err(|e| e.to_string()),
+                nl.del_clsact(lo).map_err(|e| e.to_string()),
+                // No such interface.
+                nl.del_clsact(9999).map_err(|e| e.to_string()),
+            ]
+        })
+        .unwrap();
+    assert_eq!(results, [Ok(true), Ok(false), Ok(false), Ok(false)]);
+    assert!(!tc_out(&ns, &["qdisc", "show"]).contains("clsact"));
+
+    // An ingress qdisc (someone else's, in the same slot) is not taken for ours: it
+    // stays, and our clsact counts as gone.
+    tc(&["qdisc", "add", "dev", "eth0", "ingress"]);
+    let r = m
+        .ns("a")
+        .run(|| {
+            Netlink::open()
+                .unwrap()
+                .del_clsact(eth0)
+                .map_err(|e| e.to_string())
+        })
+        .unwrap();
+    assert_eq!(r, Ok(false));
+    assert!(tc_out(&ns, &["qdisc", "show"]).contains("qdisc ingress"));
 }
 
 #[test]
