@@ -91,6 +91,24 @@ fn no_dad(ns: &str) -> Result<()> {
     sysctl(ns, "net/ipv6/conf/all/accept_dad", "0")
 }
 
+/// No duplicate address detection and no router solicitations on interfaces created
+/// in `ns` from now on.
+fn quiet(ns: &str) -> Result<()> {
+    let netns = Netns::open(format!("/var/run/netns/{ns}"))?;
+    netns.run(|| -> Result<()> {
+        for key in [
+            "net/ipv6/conf/default/accept_dad",
+            "net/ipv6/conf/all/accept_dad",
+            "net/ipv6/conf/default/router_solicitations",
+            "net/ipv6/conf/all/router_solicitations",
+        ] {
+            let path = format!("/proc/sys/{key}");
+            std::fs::write(&path, "0").with_context(|| format!("writing {path} in {ns}"))?;
+        }
+        Ok(())
+    })?
+}
+
 fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     let netns = Netns::open(format!("/var/run/netns/{ns}"))?;
     let path = format!("/proc/sys/{key}");
@@ -255,9 +273,12 @@ impl Topology {
             v6,
             node,
         });
-        if self.routed {
-            no_dad(&ns)?;
-        }
+        // Quiet from the start: no duplicate address detection and no router
+        // solicitations. Each of those multicast frames is flooded by the bridge to every
+        // port, one backlog entry per port; with hundreds of hosts that overflowed the
+        // CPUs' backlog (netdev_max_backlog) for some 15 s after creation, dropping
+        // whatever else was in flight (a connection's SYN, then waiting 1 s).
+        quiet(&ns)?;
         let port = format!("v{}", self.hosts.len());
         ip(&[
             "link", "add", &port, "netns", &node_ns, "type", "veth", "peer", "name", "eth0",
