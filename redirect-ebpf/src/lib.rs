@@ -148,6 +148,11 @@ impl GuardCounters {
 
 /// `PodConfig::flags`: capture DNS (port 53, UDP and TCP) to the pod's 15053 sockets.
 pub const POD_DNS_CAPTURE: u32 = 1;
+/// `PodConfig::flags` bits 16 to 31: the enrolment's epoch, drawn (non-zero) at each
+/// new enrolment of a pod. tc egress tags the decision it keeps for an app's socket with
+/// it, so a decision taken before the pod was released and enrolled again is not
+/// mistaken for one of this enrolment. 0 in configs written by earlier versions.
+pub const POD_EPOCH_SHIFT: u32 = 16;
 
 /// Per-pod settings read on the hot path, keyed by the pod's netns cookie.
 #[repr(C)]

@@ -610,9 +610,12 @@ const SENDER_TCP: u32 = 1;
 const SENDER_UDP: u32 = 2;
 const SENDER_OTHER: u32 = 3;
 
-/// tc egress's decision for an app's TCP socket (`STEER`, `PASS`), if it took one.
+/// tc egress's decision for an app's TCP socket (`STEER`, `PASS`, or the guard's
+/// `PENDING`), if one was taken during this enrolment of the pod. A decision kept from
+/// an earlier enrolment (the pod released and enrolled again since) is not this one's:
+/// the socket counts as open before it (row 10).
 #[inline(always)]
-fn decision(sk: *mut bpf_sock) -> Option<u32> {
+fn decision(sk: *mut bpf_sock, pod: &PodConfig) -> Option<u32> {
     // SAFETY: a full socket from bpf_sk_fullsock.
     let v = unsafe {
         h::bpf_sk_storage_get(
@@ -623,22 +626,27 @@ fn decision(sk: *mut bpf_sock) -> Option<u32> {
         )
     } as *const u32;
     if v.is_null() {
-        None
-    } else {
-        Some(unsafe { *v })
+        return None;
     }
+    let v = unsafe { *v };
+    (v >> POD_EPOCH_SHIFT == pod.flags >> POD_EPOCH_SHIFT).then_some(v & DECISION_MASK)
 }
 
-/// Keeps a decision for the socket (the first one taken stays, but for the guard's
-/// `PENDING`, which tc's decision replaces). False if it could not.
+/// The stored form of a decision: its kind in the low bits, the enrolment's epoch above.
+const DECISION_MASK: u32 = (1 << POD_EPOCH_SHIFT) - 1;
+
+/// Keeps a decision for the socket, tagged with this enrolment's epoch (the first one
+/// taken in an enrolment stays, but for the guard's `PENDING`, which tc's decision
+/// replaces). False if it could not.
 #[inline(always)]
-fn decide(sk: *mut bpf_sock, mut what: u32) -> bool {
+fn decide(sk: *mut bpf_sock, what: u32, pod: &PodConfig) -> bool {
+    let mut tagged = what | (pod.flags & !DECISION_MASK);
     // SAFETY: a full socket from bpf_sk_fullsock; the value is copied in on creation.
     let v = unsafe {
         h::bpf_sk_storage_get(
             &STEERED as *const SkStorage<u32> as *mut c_void,
             sk as *mut c_void,
-            &mut what as *mut u32 as *mut c_void,
+            &mut tagged as *mut u32 as *mut c_void,
             BPF_SK_STORAGE_GET_F_CREATE as u64,
         )
     } as *mut u32;
@@ -647,8 +655,9 @@ fn decide(sk: *mut bpf_sock, mut what: u32) -> bool {
     }
     // SAFETY: the socket's own storage, 4 bytes.
     unsafe {
-        if *v == PENDING {
-            *v = what;
+        let old = *v;
+        if old & DECISION_MASK == PENDING || old & !DECISION_MASK != tagged & !DECISION_MASK {
+            *v = tagged;
         }
     }
     true
@@ -794,13 +803,13 @@ pub fn redirect_egress(mut ctx: TcContext) -> i32 {
         if is_probe(p.family, &p.dst) {
             count(pod.id, |c| c.bypassed_probe += 1);
             if sender == SENDER_TCP {
-                decide(sk, PASS);
+                decide(sk, PASS, &pod);
             }
             return TC_ACT_OK;
         }
         // Row 3 (and 8, TCP side). A kernel TCP socket keeps the decision, so that
         // every later packet of its connection follows it.
-        if sender == SENDER_TCP && !decide(sk, STEER) {
+        if sender == SENDER_TCP && !decide(sk, STEER, &pod) {
             count(pod.id, |c| c.dropped_error += 1);
             return TC_ACT_SHOT;
         }
@@ -817,7 +826,7 @@ pub fn redirect_egress(mut ctx: TcContext) -> i32 {
         // being steered, whatever the packet (fragments included); the app's side of a
         // connection the proxy opened to it sends its replies back to the proxy; one open
         // before enrolment (row 10) is untouched.
-        return match decision(sk) {
+        return match decision(sk, &pod) {
             Some(STEER) => steer_into_pod(&mut ctx, &pod),
             // Its SYN left before our filter was back in place: never let it go on.
             Some(PENDING) => {
@@ -835,10 +844,10 @@ pub fn redirect_egress(mut ctx: TcContext) -> i32 {
             }
             None => {
                 if is_reply_to_proxy(&p, netns) {
-                    decide(sk, STEER);
+                    decide(sk, STEER, &pod);
                     steer_into_pod(&mut ctx, &pod)
                 } else {
-                    decide(sk, PASS);
+                    decide(sk, PASS, &pod);
                     TC_ACT_OK
                 }
             }
@@ -1014,9 +1023,9 @@ pub fn redirect_guard(ctx: SkBuffContext) -> i32 {
         return GUARD_PASS;
     }
     let state = unsafe { (*sk).state };
-    match decision(sk) {
+    match decision(sk, &pod) {
         None if state == TCP_SYN_SENT => {
-            if !decide(sk, PENDING) {
+            if !decide(sk, PENDING, &pod) {
                 count_guard(pod.id, |c| c.dropped_unsteered += 1);
                 return GUARD_DROP;
             }

@@ -369,6 +369,66 @@ fn row10_connections_open_before_enrolment_keep_working() {
     assert_eq!(m.events(), vec![]);
 }
 
+/// Row 10 across enrolments: an app socket whose SYN was steered in an earlier
+/// enrolment and lost there (the proxy's accept queue full) connects direct once the
+/// pod is released, its SYN retransmitted then. Enrolled again, its connection counts
+/// as open before this enrolment and keeps working. A decision kept from the earlier
+/// enrolment bounced its packets into the pod, where they were reset, and the peer was
+/// left holding a half-open connection (what the soak found at the steady pod's 15006).
+#[test]
+fn row10_a_decision_of_an_earlier_enrolment_does_not_carry_over() {
+    let m = mesh("r10e");
+    let a = m.ns("a");
+    // Enrolled with listeners nobody accepts on, 15001's queue one connection long.
+    let listeners = PodListeners::open(&a, false).unwrap();
+    m.engine
+        .enrol("a", &a, &PodOptions::default(), &listeners.sockets())
+        .unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&listeners.outbound);
+    assert_eq!(unsafe { libc::listen(fd, 0) }, 0);
+    // Fills the queue (taken by 15001, both families' listener, never accepted).
+    let held = a
+        .run(|| TcpStream::connect(m.addr("c", false, PEER_PORT)))
+        .unwrap()
+        .unwrap();
+    // Steered too; their SYNs find the queue full and are dropped without an answer.
+    let pending: Vec<_> = FAMILIES
+        .into_iter()
+        .map(|v6| {
+            let to = m.addr("c", v6, PEER_PORT);
+            let a = a.try_clone().unwrap();
+            std::thread::spawn(move || a.run(|| TcpStream::connect(to)).unwrap())
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Released: the retransmitted SYNs go direct.
+    assert!(m.engine.unenrol("a").unwrap());
+    drop(listeners);
+    drop(held);
+    let mut conns: Vec<BufReader<TcpStream>> = pending
+        .into_iter()
+        .map(|h| BufReader::new(h.join().unwrap().expect("connected once released")))
+        .collect();
+    let exchange = |s: &mut BufReader<TcpStream>, line: &str| -> String {
+        s.get_mut()
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let _ = writeln!(s.get_mut(), "{line}");
+        let mut got = String::new();
+        let _ = s.read_line(&mut got);
+        got
+    };
+    for (v6, s) in FAMILIES.into_iter().zip(&mut conns) {
+        assert!(exchange(s, "before").contains("got before"), "{}", fam(v6));
+    }
+    m.enrol("a", PodOptions::default()).unwrap();
+    for (v6, s) in FAMILIES.into_iter().zip(&mut conns) {
+        let got = exchange(s, "after");
+        assert!(got.contains("got after"), "{}: {got:?}", fam(v6));
+    }
+    assert_eq!(m.events(), vec![]);
+}
+
 #[test]
 fn row11_missing_listener_fails_closed() {
     let m = mesh("r11");

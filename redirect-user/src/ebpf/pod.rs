@@ -582,11 +582,7 @@ pub(crate) fn enrol(
         netns_dev: netns.dev(),
         netns_ino: netns.ino(),
         id,
-        flags: if options.dns_capture {
-            POD_DNS_CAPTURE
-        } else {
-            0
-        },
+        flags: pod_flags(options) | new_epoch(),
         ifaces: [[0; IFNAME_LEN]; MAX_POD_IFACES],
         accept_local_before: [0; MAX_POD_IFACES],
         owned: OWN_TRACKED | APPLYING,
@@ -633,6 +629,18 @@ pub(crate) fn enrol(
         .and_then(|r| r);
     // What apply_in_ns did is in the record now, failed or not.
     record.owned &= !APPLYING;
+    // Attached: the guard lets the pod's TCP out through these interfaces now. Listed
+    // only now, or a SYN sent in between left unsteered (the guard let it pass, no tc
+    // was there yet), and the peer held the half-open connection it began.
+    let applied = applied.and_then(|()| {
+        let attached: Vec<(String, u32)> = info
+            .ifaces
+            .iter()
+            .filter(|(n, _)| slot_of(&record, n).is_some())
+            .cloned()
+            .collect();
+        cover(maps, uid, info.cookie, &attached)
+    });
     if let Err(e) = applied {
         let mut state = PodState {
             netns: Some(ns),
@@ -713,6 +721,20 @@ fn give_back_addrs(
 
 /// The `POD_*` bits of `PodRecord::flags` (the hot-path flags, as in `PodConfig`).
 const POD_FLAGS: u32 = 0xff;
+/// The enrolment's epoch (`POD_EPOCH_SHIFT`), kept in the record's flags and copied to
+/// the pod's config with the `POD_FLAGS`.
+const EPOCH_MASK: u32 = !((1 << POD_EPOCH_SHIFT) - 1);
+
+/// A new enrolment's epoch, in place in the flags: random and non-zero, so that it
+/// differs from the one before with near certainty, across restarts too.
+fn new_epoch() -> u32 {
+    u32::from(fastrand::u16(1..)) << POD_EPOCH_SHIFT
+}
+
+/// The flags of the pod's hot-path config: its options and its enrolment's epoch.
+fn config_flags(record: &PodRecord) -> u32 {
+    record.flags & (POD_FLAGS | EPOCH_MASK)
+}
 
 fn pod_flags(options: &PodOptions) -> u32 {
     if options.dns_capture {
@@ -726,7 +748,7 @@ fn pod_flags(options: &PodOptions) -> u32 {
 fn write_config(maps: &mut Maps, uid: &str, record: &PodRecord) -> Result<(), EnrolError> {
     let cfg = PodConfig {
         id: record.id,
-        flags: record.flags & POD_FLAGS,
+        flags: config_flags(record),
     };
     maps.pods
         .insert(record.netns_cookie, cfg, 0)
@@ -851,7 +873,7 @@ fn write_maps(
 ) -> Result<(), EnrolError> {
     let cfg = PodConfig {
         id: record.id,
-        flags: record.flags & 0xff,
+        flags: config_flags(record),
     };
     maps.zero_counters(record.id)
         .map_err(|e| step(uid, "zero counters")(e.to_string()))?;
@@ -877,10 +899,9 @@ fn write_maps(
         written.push(key);
     }
     set_sockets(maps, uid, info.cookie, sockets)?;
-    // Before the pod counts as enrolled: the guard lets its TCP out through these
-    // interfaces, where tc egress steers it once attached.
-    cover(maps, uid, info.cookie, &info.ifaces)?;
-    // Last: from here on the programs treat the namespace as enrolled.
+    // Last: from here on the programs treat the namespace as enrolled. No interface is
+    // listed as covered yet: until tc egress is attached to it (and it is listed, right
+    // after), the guard drops the pod's TCP rather than let a SYN leave unsteered.
     maps.pods
         .insert(info.cookie, cfg, 0)
         .map_err(|e| full_or(uid, "pods", MAX_PODS, e))?;
