@@ -57,6 +57,10 @@ struct Sample {
     links: usize,
     /// Per pod: routes (all tables), rules, qdiscs and tc filters, as `ip`/`tc` print them.
     pods: BTreeMap<String, String>,
+    /// The agent's sockets as `ss` shows them in each namespace of the topology and the
+    /// host's, to name the ones an fd count difference is made of.
+    #[serde(skip)]
+    sockets: Vec<String>,
 }
 
 fn rss_kib(pid: i32) -> u64 {
@@ -163,8 +167,65 @@ fn pod_state(ns: &str) -> String {
     s
 }
 
+/// `ss -anp` in every namespace of the topology (and the host's), the agent's lines
+/// only, each prefixed with its namespace.
+fn agent_sockets(agent: i32, topo: &Topology, pods: &[String]) -> Vec<String> {
+    let who = format!("pid={agent},");
+    let spaces = pods
+        .iter()
+        .map(|p| Some(topo.host(p).name.clone()))
+        .chain([Some(topo.node().to_string()), None]);
+    let mut out = Vec::new();
+    for ns in spaces {
+        let ss = ["ss", "-anp", "-A", "inet,unix,netlink,packet"];
+        let mut cmd = match &ns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).args(ss);
+                c
+            }
+            None => {
+                let mut c = std::process::Command::new(ss[0]);
+                c.args(&ss[1..]);
+                c
+            }
+        };
+        let Ok(o) = cmd.output() else { continue };
+        let place = ns.as_deref().unwrap_or("host");
+        out.extend(
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.contains(&who))
+                .map(|l| {
+                    format!(
+                        "{place}: {}",
+                        l.split_whitespace().collect::<Vec<_>>().join(" ")
+                    )
+                }),
+        );
+    }
+    out.sort();
+    out
+}
+
+/// The lines of `b` not matched by one of `a` (a multiset difference).
+fn extra_lines(a: &[String], b: &[String]) -> Vec<String> {
+    let mut left: Vec<&String> = a.iter().collect();
+    b.iter()
+        .filter(|l| match left.iter().position(|x| x == l) {
+            Some(i) => {
+                left.swap_remove(i);
+                false
+            }
+            None => true,
+        })
+        .cloned()
+        .collect()
+}
+
 fn sample(agent: i32, pin: &Path, topo: &Topology, pods: &[String]) -> Result<Sample> {
     Ok(Sample {
+        sockets: agent_sockets(agent, topo, pods),
         rss_kib: rss_kib(agent),
         fds: fds(agent),
         fd_kinds: fd_kinds(agent),
@@ -538,8 +599,13 @@ fn main() -> Result<()> {
     let mut failures = Vec::new();
     if end.fds != start.fds {
         failures.push(format!(
-            "agent fds {} -> {}: {:?} -> {:?}",
-            start.fds, end.fds, start.fd_kinds, end.fd_kinds
+            "agent fds {} -> {}: {:?} -> {:?}\nsockets only at the start: {:#?}\nsockets only at the end: {:#?}",
+            start.fds,
+            end.fds,
+            start.fd_kinds,
+            end.fd_kinds,
+            extra_lines(&end.sockets, &start.sockets),
+            extra_lines(&start.sockets, &end.sockets)
         ));
     }
     if end.rss_kib > start.rss_kib + RSS_SLACK_KIB {
