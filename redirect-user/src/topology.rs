@@ -76,23 +76,16 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Writes `value` to `/proc/sys/<key>` inside the namespace `ns`.
 /// An IPv4 and an IPv6 address (without duplicate address detection) on `dev` in `ns`.
 fn add_addrs(ns: &str, dev: &str, v4: &str, v6: &str) -> Result<()> {
     ip(&["-n", ns, "addr", "add", v4, "dev", dev])?;
     ip(&["-n", ns, "addr", "add", v6, "dev", dev, "nodad"])
 }
 
-/// No duplicate address detection on the namespace's interfaces to come, link-local
-/// addresses included: a router whose link-local address is still tentative cannot
-/// resolve its IPv6 neighbours (about 2 s lost on the first connection).
-fn no_dad(ns: &str) -> Result<()> {
-    sysctl(ns, "net/ipv6/conf/default/accept_dad", "0")?;
-    sysctl(ns, "net/ipv6/conf/all/accept_dad", "0")
-}
-
-/// No duplicate address detection and no router solicitations on interfaces created
-/// in `ns` from now on.
+/// No duplicate address detection and no router solicitations on the interfaces to
+/// come in `ns`, link-local addresses included: a router whose link-local address is
+/// still tentative cannot resolve its IPv6 neighbours (about 2 s lost on the first
+/// connection), and each such multicast frame is flooded to every port of a bridge.
 fn quiet(ns: &str) -> Result<()> {
     let netns = Netns::open(format!("/var/run/netns/{ns}"))?;
     netns.run(|| -> Result<()> {
@@ -109,6 +102,7 @@ fn quiet(ns: &str) -> Result<()> {
     })?
 }
 
+/// Writes `value` to `/proc/sys/<key>` inside the namespace `ns`.
 fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     let netns = Netns::open(format!("/var/run/netns/{ns}"))?;
     let path = format!("/proc/sys/{key}");
@@ -205,7 +199,7 @@ impl Topology {
         self.registered.push(crate::interrupt::netns(&ns));
         self.nodes.push(ns.clone());
         if self.routed {
-            no_dad(&ns)?;
+            quiet(&ns)?;
         }
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
