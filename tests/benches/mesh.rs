@@ -1128,6 +1128,19 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     let mut failed = Vec::new();
     let mut run = |mode: &str, rows: &mut Vec<Figures>| {
+        // A row starts without the last row's TIME_WAIT sockets on the proxy ports.
+        // Only the rule set makes them: REDIRECT gives every connection of a pod the
+        // same local address (its 15001 or 15006), so a new connection whose source
+        // port conntrack rewrote can land on one, be refused by PAWS and wait out a SYN
+        // retransmission. iptables+hbone measured right after iptables stalled 19 times
+        // in its rate phase, and 0 times alone: the iptables row's stall, not its own.
+        let waited = wait_proxy_time_wait(&[&*ns_a, &ns_b], Duration::from_secs(75));
+        if !waited.is_zero() {
+            eprintln!(
+                "{mode}: waited {:.0} s for the last row's TIME_WAIT sockets on the proxy ports",
+                waited.as_secs_f64()
+            );
+        }
         let drops = backlog_drops();
         let result = measure_mode(&load, mode, ns_a.clone(), &ns_b, b_ip, &plan, &tools);
         // Packets the kernel dropped for a full input backlog (any namespace, any
@@ -1287,6 +1300,42 @@ fn main() -> Result<()> {
     eprintln!("mesh bench: {:.0} s", started.elapsed().as_secs_f64());
     anyhow::ensure!(failed.is_empty(), "failed: {}", failed.join("; "));
     Ok(())
+}
+
+/// TIME_WAIT sockets whose local port is a proxy port, in `ns`: mostly accepted
+/// sockets of a proxy behind REDIRECT that closed first (under sk_lookup an accepted
+/// socket keeps the original destination as its local address; only tunnels to 15008
+/// can leave one there).
+fn proxy_time_wait(ns: &Netns) -> usize {
+    const TCP_TIME_WAIT: u8 = 6;
+    let ports = [
+        redirect_ebpf::PORT_OUTBOUND,
+        redirect_ebpf::PORT_INBOUND,
+        redirect_ebpf::PORT_TUNNEL,
+    ];
+    ns.run(|| {
+        ["tcp", "tcp6"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(format!("/proc/thread-self/net/{f}")).ok())
+            .flat_map(|t| redirect_user::agent::discover::parse_socket_table(&t))
+            .filter(|&(port, state, _)| state == TCP_TIME_WAIT && ports.contains(&port))
+            .count()
+    })
+    .unwrap_or(0)
+}
+
+/// Waits, at most `limit`, until the namespaces hold no TIME_WAIT socket on a proxy
+/// port; returns how long it waited (zero when there was none).
+fn wait_proxy_time_wait(namespaces: &[&Netns], limit: Duration) -> Duration {
+    let any = || namespaces.iter().any(|ns| proxy_time_wait(ns) > 0);
+    if !any() {
+        return Duration::ZERO;
+    }
+    let t = Instant::now();
+    while t.elapsed() < limit && any() {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    t.elapsed()
 }
 
 /// Packets dropped so far because a CPU's input backlog was full (`netdev_max_backlog`):
