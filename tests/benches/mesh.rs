@@ -1129,7 +1129,7 @@ fn main() -> Result<()> {
     let mut failed = Vec::new();
     let mut run = |mode: &str, rows: &mut Vec<Figures>| {
         // A row starts without the last row's TIME_WAIT sockets on the proxy ports.
-        // Only the rule set makes them: REDIRECT gives every connection of a pod the
+        // The rule set makes them: REDIRECT gives every connection of a pod the
         // same local address (its 15001 or 15006), so a new connection whose source
         // port conntrack rewrote can land on one, be refused by PAWS and wait out a SYN
         // retransmission. iptables+hbone measured right after iptables stalled 19 times
@@ -1302,11 +1302,11 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// TIME_WAIT sockets whose local port is a proxy port, in `ns`: mostly accepted
-/// sockets of a proxy behind REDIRECT that closed first (under sk_lookup an accepted
+/// Whether `ns` holds a TIME_WAIT socket whose local port is a proxy port: mostly an accepted
+/// socket of a proxy behind REDIRECT that closed first (under sk_lookup an accepted
 /// socket keeps the original destination as its local address; only tunnels to 15008
 /// can leave one there).
-fn proxy_time_wait(ns: &Netns) -> usize {
+fn has_proxy_time_wait(ns: &Netns) -> bool {
     const TCP_TIME_WAIT: u8 = 6;
     let ports = [
         redirect_ebpf::PORT_OUTBOUND,
@@ -1318,16 +1318,15 @@ fn proxy_time_wait(ns: &Netns) -> usize {
             .iter()
             .filter_map(|f| std::fs::read_to_string(format!("/proc/thread-self/net/{f}")).ok())
             .flat_map(|t| redirect_user::agent::discover::parse_socket_table(&t))
-            .filter(|&(port, state, _)| state == TCP_TIME_WAIT && ports.contains(&port))
-            .count()
+            .any(|(port, state, _)| state == TCP_TIME_WAIT && ports.contains(&port))
     })
-    .unwrap_or(0)
+    .unwrap_or(false)
 }
 
 /// Waits, at most `limit`, until the namespaces hold no TIME_WAIT socket on a proxy
 /// port; returns how long it waited (zero when there was none).
 fn wait_proxy_time_wait(namespaces: &[&Netns], limit: Duration) -> Duration {
-    let any = || namespaces.iter().any(|ns| proxy_time_wait(ns) > 0);
+    let any = || namespaces.iter().any(|ns| has_proxy_time_wait(ns));
     if !any() {
         return Duration::ZERO;
     }
